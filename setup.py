@@ -1,0 +1,63 @@
+"""sfmed: Megatron-style training stack for Chinese medical LLMs (Qwen2 class)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+
+setup(
+    name="sfmed",
+    version="0.1.0",
+    description=(
+        "Qwen2 <-> Megatron conversion, data preprocessing, continued pretraining / SFT / DPO on "
+        "megatron-core, and evaluation of Chinese medical LLMs"
+    ),
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sfmed", "sfmed.*"]),
+    include_package_data=True,
+    install_requires=[
+        # torch first: install the build that matches your machine (CPU or CUDA) before sfmed.
+        "torch>=2.4",
+        # Tested with 0.16.1 (newest that installs on Python 3.11); the CPU emulation and the
+        # checkpoint layout are checked against this range.
+        "megatron-core>=0.15.0,<0.17",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "sentencepiece>=0.2",
+        "gigatoken>=0.10",
+        "hydra-core>=1.3.2,<1.4",
+        "omegaconf>=2.3,<2.4",
+        "numpy>=1.24",
+        "pyarrow>=14",
+        "zstandard>=0.22",
+        "datasketch>=1.6",
+        "jieba>=0.42",
+        "openai>=1.40",
+        "matplotlib>=3.7",
+        "wandb>=0.17",
+        "rich>=13",
+        "tqdm>=4.66",
+        "psutil>=5.9",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "ruff>=0.6",
+            # maintained reference implementations the metric tests compare against
+            "rouge-score>=0.1.2",
+            "rouge-chinese>=1.0.3",
+            "sacrebleu>=2.4",
+        ],
+        # Optional accelerators: detected at run time, never required.
+        "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
+        "vllm": ["vllm>=0.6"],
+    },
+    entry_points={"console_scripts": []},
+)
