@@ -120,3 +120,11 @@ def parse_result(stdout: str) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     raise AssertionError(f"no RESULT line in worker output:\n{stdout[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE tokenizer in Qwen2's shape (ChatML template, 600 ids)."""
+    from sfmed.utils.tiny import make_tiny_tokenizer
+
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tok") / "tok")

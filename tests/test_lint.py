@@ -8,7 +8,9 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed (pip install -e .[test])")
+@pytest.mark.skipif(
+    shutil.which("ruff") is None, reason="ruff not installed (pip install -e .[test])"
+)
 @pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]])
 def test_ruff_clean(args):
     proc = subprocess.run(["ruff", *args], cwd=REPO, capture_output=True, text=True)

@@ -75,3 +75,60 @@ def make_tiny_qwen2(
     model.save_pretrained(out, safe_serialization=True, **kw)
     GenerationConfig(eos_token_id=cfg.eos_token_id, do_sample=False).save_pretrained(out)
     return out
+
+
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_DEFAULT_CORPUS = (
+    "患者男性，45岁，因发热、咳嗽三天就诊。体温38.5℃，白细胞升高，考虑细菌性肺炎。\n"
+    "问：高血压患者平时饮食需要注意什么？答：低盐低脂饮食，戒烟限酒，规律运动，按时服药。\n"
+    "糖尿病的典型症状是多饮、多食、多尿和体重下降。二甲双胍是2型糖尿病的一线用药。\n"
+    "下列哪项是心肌梗死最常见的症状？A. 胸痛 B. 头痛 C. 腹泻 D. 皮疹 答案：A\n"
+    "The quick brown fox jumps over the lazy dog. Aspirin 100 mg daily; CT, MRI, ECG.\n"
+    "阿莫西林适用于敏感菌所致的呼吸道感染、泌尿道感染、皮肤软组织感染。\n"
+)
+
+
+def make_tiny_tokenizer(
+    out_dir: str | Path, *, vocab_size: int = 600, corpus: str | None = None
+) -> Path:
+    """Train and save a small byte-level BPE tokenizer in Qwen2's shape (no download).
+
+    It has Qwen2's special tokens (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``) and the
+    ChatML chat template, so chat/SFT/eval code paths run unchanged on tiny models. ``vocab_size``
+    must not exceed the tiny model's vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = corpus if corpus is not None else _DEFAULT_CORPUS
+    tok.train_from_iterator([line for line in text.splitlines() if line] * 4, trainer=trainer)
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = _CHATML_TEMPLATE
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return out
