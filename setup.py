@@ -25,7 +25,7 @@ setup(
         # Tested with 0.16.1 (newest that installs on Python 3.11); the CPU emulation and the
         # checkpoint layout are checked against this range.
         "megatron-core>=0.15.0,<0.17",
-        "transformers>=4.45",
+        "transformers>=4.56",
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "sentencepiece>=0.2",
@@ -37,6 +37,10 @@ setup(
         "zstandard>=0.22",
         "datasketch>=1.6",
         "jieba>=0.42",
+        # evaluation metrics (sfmed/eval/metrics.py): ROUGE, fast LCS for ROUGE-L, BLEU
+        "rouge-score>=0.1.2",
+        "rapidfuzz>=3.0",
+        "sacrebleu>=2.4",
         "openai>=1.40",
         "matplotlib>=3.7",
         "wandb>=0.17",
@@ -50,10 +54,8 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "ruff>=0.6",
-            # maintained reference implementations the metric tests compare against
-            "rouge-score>=0.1.2",
+            # a second ROUGE implementation the metric tests cross-check against
             "rouge-chinese>=1.0.3",
-            "sacrebleu>=2.4",
         ],
         # Optional accelerators: detected at run time, never required.
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],

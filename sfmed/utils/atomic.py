@@ -38,6 +38,8 @@ def atomic_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    # mkdtemp makes 0700 folders; give the final output the mode a plain mkdir would.
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -52,12 +54,25 @@ def atomic_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
         os.replace(tmp, dst)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """``0o666`` minus the process umask: the mode ``open()`` would give a new file
+    (``mkstemp`` creates 0600 files, unreadable for the rest of a team sharing the outputs)."""
+    return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_file(dst: str | Path, mode: str = "w", **open_kw):
     """Open a temporary sibling of ``dst`` for writing; fsync and rename onto ``dst`` on success."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
+    os.fchmod(fd, default_file_mode())
     os.close(fd)
     try:
         with open(tmp, mode, **open_kw) as f:

@@ -1,0 +1,271 @@
+"""Schema of ``launch/evaluate.py`` (YAML under ``conf/eval/`` only sets values).
+
+Validation runs in ``__post_init__`` so that a bad value fails before any model is loaded,
+with a message naming the value and the fix. :func:`register` puts the schema into Hydra's
+ConfigStore; it imports Hydra lazily so that library code and tests can use the dataclasses
+without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASKS = (
+    "mcq",
+    "rouge_pairwise",
+    "judge_pairwise",
+    "reference_metrics",
+    "drug_indication",
+    "consultation",
+)
+PAIRWISE_TASKS = ("rouge_pairwise", "judge_pairwise")
+BACKENDS = ("hf", "transformers", "vllm", "openai")
+
+
+class EvalConfigError(ValueError):
+    """An evaluation setting that cannot work; the message names the value and the fix."""
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise EvalConfigError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class DecodingConfig:
+    """Generation parameters; recorded verbatim in every result JSON."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy decoding
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    repetition_penalty: float = 1.0
+    seed: int = 1234  # seeds sampling (per batch for hf, per request for vllm/openai)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise EvalConfigError(f"decoding.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise EvalConfigError(
+                f"decoding.temperature={self.temperature} must be >= 0 (0 = greedy)"
+            )
+        if not 0 < self.top_p <= 1:
+            raise EvalConfigError(f"decoding.top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0 or self.repetition_penalty <= 0:
+            raise EvalConfigError("decoding.top_k must be >= 0 and repetition_penalty > 0")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is deterministic argmax."""
+        return self.temperature == 0
+
+
+@dataclass
+class HFConfig:
+    """The transformers backend (CPU or GPU)."""
+
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 8
+    attn_implementation: str | None = None  # e.g. sdpa / flash_attention_2; None = default
+
+    def __post_init__(self):
+        _choice("hf.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.batch_size < 1:
+            raise EvalConfigError(f"hf.batch_size={self.batch_size} must be >= 1")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise EvalConfigError(f"hf.device={self.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class VLLMConfig:
+    """The vLLM backend (optional install: ``pip install 'sfmed[vllm]'``)."""
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    dtype: str = "auto"
+    max_model_len: int | None = None
+
+
+@dataclass
+class APIConfig:
+    """An OpenAI-compatible endpoint (``backend=openai`` and the judge use the same client)."""
+
+    base_url: str | None = None  # default: $OPENAI_BASE_URL, else api.openai.com
+    model: str | None = None  # model name served by the endpoint
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from YAML
+    timeout: float = 120.0
+    max_retries: int = 3  # transport retries (connection errors, 429, 5xx)
+    concurrency: int = 4  # parallel requests
+
+    def __post_init__(self):
+        if self.concurrency < 1 or self.timeout <= 0 or self.max_retries < 0:
+            raise EvalConfigError("api: concurrency >= 1, timeout > 0 and max_retries >= 0")
+
+
+@dataclass
+class JudgeConfig(APIConfig):
+    """The LLM judge: an OpenAI-compatible endpoint, a fixed rubric, deterministic settings."""
+
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    seed: int = 1234
+    format_retries: int = 2  # re-asks after a reply without a readable verdict
+    use_reference: bool = True  # show the reference answer to the judge
+
+
+@dataclass
+class MCQConfig:
+    """Exam multiple choice."""
+
+    mode: str = "generate"  # generate (answer extraction) | loglik (score option letters)
+    shots: int = 0  # k-shot examples taken from dev_data (same subject), in file order
+    dev_data: str | None = None
+
+    def __post_init__(self):
+        _choice("mcq.mode", self.mode, ("generate", "loglik"))
+        if self.shots < 0:
+            raise EvalConfigError(f"mcq.shots={self.shots} must be >= 0")
+        if self.shots > 0 and not self.dev_data:
+            raise EvalConfigError(
+                f"mcq.shots={self.shots} needs mcq.dev_data=<dev split file or folder>"
+            )
+
+
+@dataclass
+class TextMetricConfig:
+    """ROUGE/BLEU settings shared by rouge_pairwise and reference_metrics."""
+
+    tokenizer: str = "char"  # char | jieba
+    epsilon: float = 0.0  # rouge_pairwise: A wins only when ahead by more than this
+    bleu_level: str = "corpus"  # corpus | sentence (mean of smoothed sentence BLEU)
+
+    def __post_init__(self):
+        _choice("metric.tokenizer", self.tokenizer, ("char", "jieba"))
+        _choice("metric.bleu_level", self.bleu_level, ("corpus", "sentence"))
+        if self.epsilon < 0:
+            raise EvalConfigError(f"metric.epsilon={self.epsilon} must be >= 0")
+
+
+@dataclass
+class DrugConfig:
+    """QiZhenGPT drug-indication evaluation."""
+
+    prompt: str = "{drug}的适应病症"
+    label_sep: str = "|"
+
+    def __post_init__(self):
+        if "{drug}" not in self.prompt:
+            raise EvalConfigError(f"drug.prompt={self.prompt!r} must contain '{{drug}}'")
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run: a task, its data, and where answers come from."""
+
+    task: str = "mcq"
+    data: str | None = None
+    format: str = "auto"  # see docs/evaluation.md for the formats of each task
+    dataset_name: str | None = None  # table row/column label; default: data file/folder name
+    model: str | None = None  # HF folder (hf/vllm) or served model name (openai); side A
+    model_b: str | None = None  # pairwise side B from a model
+    backend: str = "hf"  # hf (= transformers) | vllm | openai
+    generations: str | None = None  # JSONL {id, output}: score without a model
+    generations_a: str | None = None
+    generations_b: str | None = None
+    name_a: str | None = None
+    name_b: str | None = None
+    cases: str | None = None  # consultation: case descriptions (CMB-Clin ``id``/``case``)
+    output_dir: str = "outputs/eval"
+    overwrite: bool = False
+    strict: bool = True  # False: skip and count bad rows / missing generations
+    limit: int | None = None  # first N items only (smoke runs)
+    use_chat_template: bool | None = None  # None = when the tokenizer has one
+    system_prompt: str | None = None
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    hf: HFConfig = field(default_factory=HFConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    api: APIConfig = field(default_factory=APIConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    mcq: MCQConfig = field(default_factory=MCQConfig)
+    metric: TextMetricConfig = field(default_factory=TextMetricConfig)
+    drug: DrugConfig = field(default_factory=DrugConfig)
+
+    def __post_init__(self):
+        _choice("task", self.task, TASKS)
+        _choice("backend", self.backend, BACKENDS)
+        if self.backend == "transformers":
+            self.backend = "hf"
+        if not self.data:
+            raise EvalConfigError(f"task={self.task} needs data=<file or folder>")
+        if self.limit is not None and self.limit < 1:
+            raise EvalConfigError(f"limit={self.limit} must be >= 1 (or null for all)")
+        if self.task in PAIRWISE_TASKS:
+            self._check_pairwise()
+        else:
+            if self.generations_a or self.generations_b or self.model_b:
+                raise EvalConfigError(
+                    f"task={self.task} scores one model: use model= or generations=, not _a/_b"
+                )
+            if self.model and self.generations:
+                raise EvalConfigError(
+                    "pass either model= (generate) or generations= (score a file)"
+                )
+            needs_answers = self.task != "consultation"
+            if needs_answers and not (self.model or self.generations):
+                raise EvalConfigError(
+                    f"task={self.task} needs model=<hf folder> or generations=<jsonl>"
+                )
+            if self.task == "mcq" and self.mcq.mode == "loglik" and not self.model:
+                raise EvalConfigError(
+                    "mcq.mode=loglik scores option letters with a model: set model="
+                )
+        if self.task in ("judge_pairwise", "consultation"):
+            self._check_judge()
+        if self.backend in ("hf", "vllm"):
+            for m in (self.model, self.model_b):
+                if m and not (Path(m) / "config.json").is_file():
+                    raise EvalConfigError(
+                        f"model={m} is not a Hugging Face model folder (no config.json); convert "
+                        "a Megatron checkpoint with launch/convert.py to=hf, or use backend=openai "
+                        "for a served model name"
+                    )
+        if self.backend == "openai" and self.task == "mcq" and self.mcq.mode == "loglik":
+            raise EvalConfigError(
+                "mcq.mode=loglik needs token log-probabilities: use backend=hf or vllm"
+            )
+
+    def _check_pairwise(self) -> None:
+        if self.generations:
+            raise EvalConfigError(
+                f"task={self.task} compares two answer sets: use generations_a=/generations_b= "
+                "(or model=/model_b=) instead of generations="
+            )
+        if bool(self.model) == bool(self.generations_a):
+            raise EvalConfigError(
+                f"task={self.task}: side A needs exactly one of model=, generations_a="
+            )
+        if bool(self.model_b) == bool(self.generations_b):
+            raise EvalConfigError(
+                f"task={self.task}: side B needs exactly one of model_b=, generations_b="
+            )
+
+    def _check_judge(self) -> None:
+        if not self.judge.model:
+            raise EvalConfigError(
+                f"task={self.task} needs an LLM judge: set judge.model=<served model name> "
+                "(and judge.base_url= or $OPENAI_BASE_URL for a non-OpenAI endpoint)"
+            )
+
+    @property
+    def uses_model(self) -> bool:
+        """True when answers are generated here (a backend gets loaded)."""
+        return bool(self.model or self.model_b)
+
+
+def register() -> None:
+    """Register the schema as ``evaluate_schema`` in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="evaluate_schema", node=EvalConfig)

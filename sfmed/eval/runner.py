@@ -1,0 +1,34 @@
+"""One evaluation run: check the destination, run the task, write JSON/Markdown/PNG."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sfmed.config.eval import EvalConfig, EvalConfigError
+from sfmed.eval.backends import BackendError
+from sfmed.eval.items import DataError, Problems
+from sfmed.eval.report import write_outputs
+from sfmed.eval.tasks import TASK_FNS
+from sfmed.eval.tasks.common import RunContext
+from sfmed.utils.atomic import OutputExistsError, check_destination
+
+logger = logging.getLogger(__name__)
+
+# Errors a user causes (bad setting, bad file, missing install): the entry point prints the
+# message, which names the value and the fix, instead of a traceback.
+USER_ERRORS = (EvalConfigError, DataError, BackendError, OutputExistsError)
+
+
+def run_evaluation(cfg: EvalConfig) -> dict:
+    """Run ``cfg.task`` and write ``<output_dir>/<task>.json`` (+ ``.md``, ``.png``).
+
+    Refuses an existing result unless ``overwrite`` — before any model is loaded. Returns the
+    result object (the JSON's content) with ``paths`` of the written files added.
+    """
+    out_dir = Path(cfg.output_dir)
+    check_destination(out_dir / f"{cfg.task}.json", cfg.overwrite)
+    ctx = RunContext(cfg=cfg, problems=Problems(strict=cfg.strict), out_dir=out_dir)
+    tr = TASK_FNS[cfg.task](ctx)
+    paths = write_outputs(out_dir, cfg.task, tr.result, tr.markdown, tr.chart)
+    return {**tr.result, "paths": paths}

@@ -1,0 +1,194 @@
+"""Exam multiple choice (SFMed 选择题 table; DISC's MLEC-QA / 考研306): accuracy per file,
+subject, exam/question type and overall; multi-answer questions need an exact set match.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+from sfmed.eval.backends import Chat, make_backend
+from sfmed.eval.extract import extract_choice
+from sfmed.eval.items import MCQItem
+from sfmed.eval.loaders import detect_mcq_format, load_mcq
+from sfmed.eval.report import chart_bars, md_table, pct
+from sfmed.eval.tasks.common import RunContext, TaskResult, accuracy_table
+
+logger = logging.getLogger(__name__)
+
+
+def _block(it: MCQItem, answer: bool) -> str:
+    opts = "\n".join(f"{k}. {v}" for k, v in it.options.items())
+    return f"{it.question}\n{opts}\n答案：" + ("".join(it.answer) if answer else "")
+
+
+# Chinese names of the medical subjects of CMMLU and C-Eval, used in the prompt like the
+# benchmarks' own scripts do; other subjects appear as named in the data.
+SUBJECT_ZH = {
+    "anatomy": "解剖学",
+    "clinical_knowledge": "临床知识",
+    "college_medical_statistics": "大学医学统计",
+    "college_medicine": "大学医学",
+    "genetics": "遗传学",
+    "human_sexuality": "人类性行为",
+    "nutrition": "营养学",
+    "professional_medicine": "专业医学",
+    "traditional_chinese_medicine": "中医中药",
+    "virology": "病毒学",
+    "clinical_medicine": "临床医学",
+    "basic_medicine": "基础医学",
+    "physician": "医师资格",
+    "veterinary_medicine": "兽医学",
+}
+
+
+def mcq_prompt(item: MCQItem, shots: list[MCQItem], system_prompt: str | None = None) -> Chat:
+    """The exam prompt (C-Eval/CMMLU style), with ``shots`` solved examples before the question."""
+    kind = "多项选择题（可能有多个正确答案）" if item.multi else "单项选择题"
+    subject = SUBJECT_ZH.get(item.subject, item.subject)
+    head = f"以下是中国关于{subject}考试的{kind}，请选出其中的正确答案。"
+    body = "\n\n".join([head, *(_block(s, True) for s in shots), _block(item, False)])
+    chat: Chat = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*chat, {"role": "user", "content": body}]
+
+
+def candidates(item: MCQItem) -> list[str]:
+    """Continuations scored in log-likelihood mode: each letter, or every letter set (多选)."""
+    letters = list(item.options)
+    if not item.multi:
+        return letters
+    return [
+        "".join(c) for k in range(1, len(letters) + 1) for c in itertools.combinations(letters, k)
+    ]
+
+
+def _shot_pool(ctx: RunContext, items: list[MCQItem], fmt: str) -> dict[str, list[MCQItem]]:
+    """Dev-split questions by subject, in file order (checked: enough for every subject)."""
+    cfg = ctx.cfg.mcq
+    if cfg.shots == 0:
+        return {}
+    pool: dict[str, list[MCQItem]] = defaultdict(list)
+    for it in load_mcq(cfg.dev_data, fmt, ctx.problems):
+        pool[it.subject].append(it)
+    for subject in sorted({it.subject for it in items}):
+        have = len(pool.get(subject, []))
+        if have < cfg.shots:
+            ctx.problems.report(
+                f"mcq.dev_data={cfg.dev_data} has {have} example(s) for subject {subject!r}, "
+                f"fewer than mcq.shots={cfg.shots}"
+            )
+    return pool
+
+
+def shots_for(item: MCQItem, pool: dict[str, list[MCQItem]], k: int) -> list[MCQItem]:
+    """The first ``k`` dev questions of the item's subject, never the question itself."""
+    same = [s for s in pool.get(item.subject, []) if s.question != item.question]
+    return same[:k]
+
+
+def run_mcq(ctx: RunContext) -> TaskResult:
+    """Load, prompt, answer (generate + extract, or log-likelihood), score and tabulate."""
+    c = ctx.cfg
+    fmt = detect_mcq_format(c.data) if c.format == "auto" else c.format
+    items = ctx.limit(load_mcq(c.data, fmt, ctx.problems))
+    pool = _shot_pool(ctx, items, fmt)
+    chats = [mcq_prompt(it, shots_for(it, pool, c.mcq.shots), c.system_prompt) for it in items]
+    ids = [it.id for it in items]
+    records = []
+    if c.mcq.mode == "generate":
+        outs = ctx.answers(ids, chats)
+        for it, chat in zip(items, chats):
+            if it.id not in outs:
+                continue
+            ex = extract_choice(outs[it.id], it.options, multi=it.multi)
+            records.append(_record(it, chat, outs[it.id], ex.letters, ex.rule))
+    else:
+        backend = make_backend(c, c.model)
+        reqs = [(chat, cand) for it, chat in zip(items, chats) for cand in candidates(it)]
+        scores = iter(backend.loglikelihood(reqs))
+        ctx.sources["model"] = backend.info()
+        backend.close()
+        for it, chat in zip(items, chats):
+            lp = {cand: next(scores) for cand in candidates(it)}
+            best = max(lp, key=lambda k: (lp[k], -len(k)))
+            r = _record(it, chat, best, tuple(best), "loglik")
+            r["logprobs"] = lp
+            records.append(r)
+    n = len(records)
+    correct = sum(r["score"] for r in records)
+    by_group: dict[str, dict] = {}
+    for key in sorted({k for r in records for k in r["groups"]}):
+        by_group[key] = accuracy_table(records, lambda r, k=key: r["groups"].get(k))
+    result = ctx.header(
+        n,
+        mode=c.mcq.mode,
+        shots=c.mcq.shots,
+        dev_data=c.mcq.dev_data,
+        resolved_format=fmt,
+    )
+    result.update(
+        accuracy=correct / n if n else 0.0,
+        correct=correct,
+        n_unparsed=sum(r["extracted"] is None for r in records),
+        by_file=accuracy_table(records, lambda r: Path(r["source"]).name),
+        by_subject=accuracy_table(records, lambda r: r["subject"]),
+        by_group=by_group,
+        records=records,
+    )
+    return TaskResult(result, _markdown(ctx, result), _chart(result))
+
+
+def _record(it: MCQItem, chat: Chat, output: str, letters, rule: str) -> dict:
+    return {
+        "id": it.id,
+        "source": it.source,
+        "row": it.row,
+        "subject": it.subject,
+        "groups": it.groups,
+        "prompt": chat,
+        "output": output,
+        "extracted": list(letters) if letters else None,
+        "rule": rule,
+        "answer": list(it.answer),
+        "score": int(letters is not None and set(letters) == set(it.answer)),
+    }
+
+
+def _markdown(ctx: RunContext, r: dict) -> str:
+    name = ctx.side_name("")
+    shots = f"{r['settings']['shots']}-shot"
+    parts = [
+        f"## Exam multiple choice: {r['dataset']} ({r['settings']['mode']}, {shots})",
+        "",
+        md_table(["模型", r["dataset"]], [[name, pct(r["accuracy"])]]),
+        "",
+        f"Accuracy in %. n = {r['n']}, unparsed answers = {r['n_unparsed']}, "
+        f"skipped rows = {r['n_skipped']}.",
+    ]
+    for title, table in [("file", r["by_file"]), ("subject", r["by_subject"])] + [
+        (f"{k}", v) for k, v in r["by_group"].items()
+    ]:
+        if len(table) > 1:
+            rows = [[k, v["n"], pct(v["accuracy"])] for k, v in table.items()]
+            parts += ["", f"### By {title}", "", md_table([title, "n", "accuracy"], rows)]
+    return "\n".join(parts)
+
+
+def _chart(r: dict):
+    table = r["by_subject"]
+    if len(table) < 2:
+        return None
+
+    def draw(path: Path) -> None:
+        labels = list(table)
+        chart_bars(
+            path,
+            labels,
+            [100 * table[k]["accuracy"] for k in labels],
+            f"{r['dataset']}: accuracy by subject",
+            "accuracy (%)",
+        )
+
+    return draw
