@@ -36,6 +36,7 @@ setup(
         "pyarrow>=14",
         "zstandard>=0.22",
         "datasketch>=1.6",
+        "orjson>=3.8",
         "jieba>=0.42",
         # evaluation metrics (sfmed/eval/metrics.py): ROUGE, fast LCS for ROUGE-L, BLEU
         "rouge-score>=0.1.2",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,13 +98,24 @@ def arch_from_hf_config(cfg: dict | str | Path) -> Qwen2Arch:
         raise ConfigError(
             f"model_type={mt!r} is not supported; sfmed converts {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    missing = [k for k in _REQUIRED_FIELDS if k not in cfg]
+    missing = [k for k in _REQUIRED_FIELDS if cfg.get(k) is None]
     if missing:
         raise ConfigError(f"config.json lacks required field(s) {missing} for a Qwen2 model")
+    for k in (*_REQUIRED_FIELDS, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v = cfg.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"config.json: {k}={v!r} must be a positive integer")
     if cfg.get("use_sliding_window"):
         raise ConfigError(
             "use_sliding_window=true: sliding-window attention is not represented by megatron-core's "
             "GPTModel here; set use_sliding_window=false (Qwen2 releases ship it off)."
+        )
+    sliding = [i for i, t in enumerate(cfg.get("layer_types") or []) if t != "full_attention"]
+    if sliding:
+        raise ConfigError(
+            f"layer_types marks layers {sliding[:8]} as {cfg['layer_types'][sliding[0]]!r}; "
+            "only full attention is represented by megatron-core's GPTModel here. Set "
+            "use_sliding_window=false and every layer_types entry to 'full_attention'."
         )
     _check_rope_scaling(cfg)
     for k in ("hidden_act",):
@@ -118,6 +130,12 @@ def arch_from_hf_config(cfg: dict | str | Path) -> Qwen2Arch:
     if heads % kv:
         raise ConfigError(
             f"num_attention_heads={heads} is not divisible by num_key_value_heads={kv}"
+        )
+    if cfg.get("attention_bias") is False or cfg.get("mlp_bias"):
+        raise ConfigError(
+            "Qwen2 has biases on q/k/v only; this config.json sets attention_bias="
+            f"{cfg.get('attention_bias')!r} / mlp_bias={cfg.get('mlp_bias')!r}, which the mapping "
+            "cannot represent"
         )
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
     return Qwen2Arch(
@@ -142,6 +160,29 @@ def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> 
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+VOCAB_PAD_TP = 8
+"""Converted checkpoints pad the vocabulary as Megatron would at TP = lcm(tp, 8), so one checkpoint
+loads at every TP up to 8 with 128-aligned vocabulary slices (see :func:`checkpoint_vocab_size`)."""
+
+
+def checkpoint_vocab_size(
+    vocab_size: int, tp: int = 1, divisible_by: int = 128, pad_for_tp: int = VOCAB_PAD_TP
+) -> int:
+    """The padded vocabulary a converted checkpoint stores (and records in ``sfmed.json``).
+
+    Megatron's own rule (:func:`padded_vocab_size`) depends on the TP size, so a checkpoint padded
+    at TP=1 would not load at TP=2. Padding for ``lcm(tp, pad_for_tp)`` instead gives the same
+    size for every TP up to ``pad_for_tp``; loaders read the stored size back rather than
+    recomputing it. ``pad_for_tp=1`` reproduces Megatron-LM's ``--make-vocab-size-divisible-by``.
+    """
+    if divisible_by < 1 or pad_for_tp < 1:
+        raise ConfigError(
+            f"make_vocab_size_divisible_by={divisible_by} and vocab_pad_tp={pad_for_tp} must be "
+            ">= 1"
+        )
+    return padded_vocab_size(vocab_size, math.lcm(tp, pad_for_tp), divisible_by)
+
+
 def validate_parallel(arch: Qwen2Arch, tp: int, pp: int, layers_per_stage: list[int] | None = None):
     """Raise :class:`ConfigError` naming the numbers when ``arch`` cannot be split TP×PP ways."""
     if tp < 1 or pp < 1:
@@ -161,7 +202,13 @@ def validate_parallel(arch: Qwen2Arch, tp: int, pp: int, layers_per_stage: list[
             raise ConfigError(
                 f"parallel.tp={tp} does not divide {what}={n}; valid tp for this model: {valid}"
             )
+    if arch.ffn_hidden_size % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} does not divide intermediate_size (ffn)={arch.ffn_hidden_size}; "
+            f"valid tp: {[d for d in divisors(arch.ffn_hidden_size) if d <= 64]}"
+        )
     if layers_per_stage is not None:
+        layers_per_stage = list(layers_per_stage)
         if len(layers_per_stage) != pp or sum(layers_per_stage) != arch.num_layers:
             raise ConfigError(
                 f"layers_per_stage={layers_per_stage} must have parallel.pp={pp} entries summing "
@@ -169,6 +216,16 @@ def validate_parallel(arch: Qwen2Arch, tp: int, pp: int, layers_per_stage: list[
             )
         if any(n < 1 for n in layers_per_stage):
             raise ConfigError(f"layers_per_stage={layers_per_stage}: every stage needs >= 1 layer")
+        if len(set(layers_per_stage[1:-1])) > 1:
+            raise ConfigError(
+                f"layers_per_stage={layers_per_stage}: megatron-core sets the first and last stage "
+                "freely, but the middle stages must hold equal numbers of layers"
+            )
+    elif pp > arch.num_layers:
+        raise ConfigError(
+            f"parallel.pp={pp} exceeds num_layers={arch.num_layers}; valid pp: "
+            f"{divisors(arch.num_layers)}"
+        )
     elif arch.num_layers % pp:
         raise ConfigError(
             f"parallel.pp={pp} does not divide num_layers={arch.num_layers}; valid pp: "
@@ -244,17 +301,31 @@ def build_model(
     vp_stage: int | None = None,
     max_sequence_length: int | None = None,
     make_vocab_size_divisible_by: int = 128,
+    padded_vocab_size: int | None = None,
 ):
-    """Build the megatron-core GPTModel (this rank's stage) for ``arch``."""
+    """Build the megatron-core GPTModel (this rank's stage) for ``arch``.
+
+    ``padded_vocab_size`` (e.g. a checkpoint's ``sfmed.json`` value, see
+    ``sfmed.convert.checkpoint_arch``) fixes the embedding rows; without it Megatron's rule
+    :func:`padded_vocab_size` at this TP size is used.
+    """
     from megatron.core.models.gpt import GPTModel
 
     config = config if config is not None else transformer_config(arch, tp=tp)
+    tp_size = config.tensor_model_parallel_size
+    if padded_vocab_size is None:
+        vocab = _megatron_padded_vocab(arch.vocab_size, tp_size, make_vocab_size_divisible_by)
+    else:
+        vocab = int(padded_vocab_size)
+        if vocab < arch.vocab_size or vocab % tp_size:
+            raise ConfigError(
+                f"padded_vocab_size={vocab} must be >= vocab_size={arch.vocab_size} and divisible "
+                f"by tp={tp_size}"
+            )
     return GPTModel(
         config=config,
         transformer_layer_spec=spec if spec is not None else layer_spec(arch),
-        vocab_size=padded_vocab_size(
-            arch.vocab_size, config.tensor_model_parallel_size, make_vocab_size_divisible_by
-        ),
+        vocab_size=vocab,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
@@ -267,8 +338,53 @@ def build_model(
     )
 
 
+_megatron_padded_vocab = padded_vocab_size  # build_model's keyword shadows the function name
+
+
 def arch_to_dict(arch: Qwen2Arch) -> dict:
     """JSON-able form (stored in checkpoint metadata)."""
     d = asdict(arch)
     d.pop("extra", None)
+    return d
+
+
+def arch_from_dict(d: dict) -> Qwen2Arch:
+    """Inverse of :func:`arch_to_dict` (unknown keys, e.g. from newer versions, are ignored)."""
+    names = {f for f in Qwen2Arch.__dataclass_fields__ if f != "extra"}
+    missing = sorted(names - set(d) - {"torch_dtype"})
+    if missing:
+        raise ConfigError(
+            f"checkpoint metadata 'arch' lacks {missing}; it was not written by sfmed"
+        )
+    return Qwen2Arch(**{k: v for k, v in d.items() if k in names})
+
+
+def hf_config_dict(arch: Qwen2Arch, dtype: str | None = None) -> dict:
+    """A transformers ``Qwen2Config`` (as ``config.json`` dict) describing ``arch``.
+
+    Used on the way back to HF when a checkpoint carries no HF ``config.json`` of its own.
+    """
+    from transformers import Qwen2Config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = Qwen2Config(
+            vocab_size=arch.vocab_size,
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.ffn_hidden_size,
+            num_hidden_layers=arch.num_layers,
+            num_attention_heads=arch.num_attention_heads,
+            num_key_value_heads=arch.num_query_groups,
+            max_position_embeddings=arch.max_position_embeddings,
+            rms_norm_eps=arch.rms_norm_eps,
+            rope_theta=arch.rope_theta,
+            tie_word_embeddings=arch.tie_word_embeddings,
+            use_sliding_window=False,
+            hidden_act="silu",
+        )
+    d = cfg.to_dict()
+    d["architectures"] = ["Qwen2ForCausalLM"]
+    d["torch_dtype" if "torch_dtype" in d else "dtype"] = dtype or arch.torch_dtype
+    if arch.kv_channels != arch.hidden_size // arch.num_attention_heads:
+        d["head_dim"] = arch.kv_channels
     return d

@@ -132,8 +132,24 @@ def _zero(*args, **kwargs):
     return 0
 
 
+def _in_mode(orig):
+    """Run ``orig`` (a custom autograd Function's backward entry) under the emulation mode.
+
+    The autograd engine calls ``backward`` of custom Functions without the Python
+    torch-function mode stack, so device requests there (e.g. megatron's sequence-parallel
+    gathers allocating on ``torch.cuda.current_device()``) would reach CUDA.
+    """
+
+    def apply(self, *args):
+        with _CudaToCpuMode():
+            return orig(self, *args)
+
+    return apply
+
+
 def _patches() -> dict[tuple[Any, str], Any]:
     """(owner, attribute) -> replacement. Owners are modules or classes."""
+    import torch.autograd.function as autograd_function
     import torch.cuda.random as cuda_random
 
     cuda = torch.cuda
@@ -164,6 +180,10 @@ def _patches() -> dict[tuple[Any, str], Any]:
         (cuda, "stream"): lambda *a, **k: contextlib.nullcontext(),
         (cuda, "nvtx"): fake_nvtx,
     }
+    bwd = autograd_function.BackwardCFunction
+    for name in ("apply", "apply_boxed"):
+        if hasattr(bwd, name):
+            patch[(bwd, name)] = _in_mode(getattr(bwd, name))
     try:
         from megatron.core.tensor_parallel import random as mcore_random
 

@@ -1,0 +1,50 @@
+"""Corpora -> Megatron indexed datasets + token report: ``python launch/preprocess.py [overrides]``.
+
+Examples::
+
+    python launch/preprocess.py input='data/raw/huatuo26M/*.json' reader=json render=template \
+        'template=["问：{instruction}","答：{output}"]' tokenizer=tok/qwen2 output_dir=data/indexed
+    python launch/preprocess.py 'data/sources=[huatuo26m_lite,cmtmedqa,wiki2019zh]' \
+        data_root=data/raw tokenizer=tok/qwen2 output_dir=data/indexed workers=16
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from sfmed.config.data import register
+
+register()
+
+
+@hydra.main(config_path="../conf", config_name="preprocess", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from sfmed.data.preprocess import USER_ERRORS, preprocess
+    from sfmed.data.report import render_markdown
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        conf = OmegaConf.to_object(cfg)  # the typed PreprocessConfig; __post_init__ validates
+        report = preprocess(conf)
+    except KeyboardInterrupt:
+        print(
+            "preprocess: interrupted; complete sources are kept, rerun to resume", file=sys.stderr
+        )
+        sys.exit(130)
+    except Exception as e:
+        from sfmed.models.qwen2 import ConfigError  # imports torch: only on this error path
+
+        if not isinstance(e, (ConfigError, *USER_ERRORS)):
+            raise
+        print(f"preprocess: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(render_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

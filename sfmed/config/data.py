@@ -1,0 +1,338 @@
+"""Schema of ``launch/preprocess.py``: sources (files, reader, rendering) -> indexed datasets.
+
+YAML under ``conf/`` only sets values (``conf/preprocess.yaml``, one file per corpus under
+``conf/data/sources/``). :func:`register` stores the schema in Hydra's ConfigStore; library code
+and tests use these dataclasses without Hydra. Validation runs in ``__post_init__`` (Hydra's
+``OmegaConf.to_object`` calls it), so bad values fail before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def ConfigError(msg: str) -> Exception:
+    """``sfmed.models.qwen2.ConfigError(msg)``, imported only when raised: that module imports
+    torch, which preprocessing never needs (it would add seconds to every start)."""
+    from sfmed.models.qwen2 import ConfigError as _ConfigError
+
+    return _ConfigError(msg)
+
+
+READERS = ("auto", "text", "jsonl", "json", "csv", "tsv", "parquet")
+RENDERS = ("field", "template", "history", "dialogue", "mcq")
+TEXT_MODES = ("file", "paragraph", "line")
+DECODE_ERRORS = ("drop", "replace")
+DEDUP_MODES = ("none", "exact", "near")
+UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
+BACKENDS = ("auto", "gigatoken", "hf", "sentencepiece")
+
+
+def _check_choice(what: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{what}={value!r} is not one of {list(choices)}")
+
+
+@dataclass
+class ReaderOptions:
+    """How the records of a corpus are read and rendered into pretraining text."""
+
+    reader: str = "auto"
+    """text | jsonl | json (array, object with a list under ``json_key``, or JSON lines) | csv |
+    tsv | parquet | auto (from the extension; ``.gz``/``.zst`` are decompressed)."""
+
+    encoding: str = "utf-8"
+    """Text encoding of the files, e.g. ``gb18030`` for Chinese medical dumps."""
+
+    decode_errors: str = "drop"
+    """Records with bytes invalid in ``encoding``: ``drop`` them (reason ``decode_error``) or
+    ``replace`` the bytes with U+FFFD and keep them. Invalid bytes are counted either way."""
+
+    text_mode: str = "file"
+    """text reader: one document per ``file``, per blank-line separated ``paragraph``, or per
+    ``line``."""
+
+    text_field: str = "text"
+    """render=field: the record field holding the text (dotted path for nested objects)."""
+
+    json_key: str | None = None
+    """json reader: dotted key of the record list inside a top-level object (e.g. ``data``)."""
+
+    csv_delimiter: str | None = None
+    """csv/tsv: field delimiter (default ``,`` / tab)."""
+
+    csv_columns: list[str] | None = None
+    """csv/tsv: column names for files without a header row."""
+
+    render: str = "field"
+    """How a record becomes text: ``field`` (one field as is), ``template`` (fields into a
+    template), ``history`` (``history: [[q, a], ...]`` + last turn, CMtMedQA), ``dialogue``
+    (a list of messages: ``[{role, content}]`` or ShareGPT ``[{from, value}]``), ``mcq``
+    (question + options + answer + explanation)."""
+
+    template: Any = None
+    """template/history/mcq: a template string with ``{name}`` placeholders, or a list of parts
+    joined by ``join`` (a part whose placeholders are all empty is left out)."""
+
+    join: str = "\n"
+    """Separator between template parts, dialogue turns and options."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    """Placeholder/role name -> record key (dotted path), e.g. ``{q: ask, a: answer}``. Names not
+    listed map to the key of the same name."""
+
+    required: list[str] | None = None
+    """Names whose record key must be present (a record without one is ``malformed``); default:
+    every name the template uses."""
+
+    roles: dict[str, str | None] = field(default_factory=dict)
+    """dialogue: role -> text prefix (``null`` leaves that role's messages out). Merged over the
+    defaults user/human -> ``问：``, assistant/gpt -> ``答：``, system -> ``''``."""
+
+    option_keys: list[str] | None = None
+    """mcq: record keys of the options when they are separate columns (e.g. ``[A, B, C, D]``)."""
+
+    min_chars: int | None = None
+    """Per-source override of ``cleaning.min_chars``."""
+
+    max_chars: int | None = None
+    """Per-source override of ``cleaning.max_chars``."""
+
+    def _validate_reader(self, where: str) -> None:
+        _check_choice(f"{where}reader", self.reader, READERS)
+        _check_choice(f"{where}render", self.render, RENDERS)
+        _check_choice(f"{where}text_mode", self.text_mode, TEXT_MODES)
+        _check_choice(f"{where}decode_errors", self.decode_errors, DECODE_ERRORS)
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(
+                f"{where}encoding={self.encoding!r} is not a codec Python knows; use e.g. utf-8, "
+                "gb18030, utf-16"
+            ) from None
+        if self.render == "template" and not self.template:
+            raise ConfigError(f"{where}render=template needs {where}template='...{{name}}...'")
+        if self.template is not None and not isinstance(self.template, (str, list, tuple)):
+            raise ConfigError(f"{where}template must be a string or a list of strings")
+        if self.reader == "text" and self.render != "field":
+            raise ConfigError(
+                f"{where}reader=text gives plain strings; render={self.render!r} needs structured "
+                "records (jsonl/json/csv/parquet). Use render=field."
+            )
+        for k in ("min_chars", "max_chars"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                raise ConfigError(f"{where}{k}={v} must be >= 0 (0 disables the limit)")
+
+    def reader_options(self) -> dict[str, Any]:
+        """The reader/render options as a plain dict (hashed into the resume fingerprint)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(ReaderOptions)}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict) or hasattr(v, "items"):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+@dataclass
+class SourceConfig(ReaderOptions):
+    """One corpus: its files and how to read them (one YAML under ``conf/data/sources/``)."""
+
+    files: list[str] = field(default_factory=list)
+    """Paths or globs (``**`` allowed); relative ones are taken from ``data_root``."""
+
+    group: str = "other"
+    """Report group, e.g. ``medical`` or ``general``."""
+
+    description: str = ""
+    """Free text for the report and docs (origin, license, layout)."""
+
+    enabled: bool = True
+    """false skips the source (e.g. a corpus you have not downloaded)."""
+
+    example: Any = None
+    """One record in the corpus's published layout (documentation; tests render it)."""
+
+    def validate(self, name: str) -> None:
+        """Raise ``ConfigError`` naming ``sources.<name>.<key>`` for a bad value."""
+        self._validate_reader(f"sources.{name}.")
+        if self.enabled and not self.files:
+            raise ConfigError(f"sources.{name}.files is empty; list the corpus files or globs")
+
+
+@dataclass
+class CleanConfig:
+    """What ``clean=true`` does to each text (``clean=false`` writes texts exactly as read)."""
+
+    unicode: str = "NFC"
+    """Unicode normalisation: NFC (default, what Qwen2's tokenizer applies anyway) | NFKC (also
+    folds full-width ASCII and ligatures; changes Chinese punctuation ，→,) | NFD | NFKD | none."""
+
+    strip_html: bool = True
+    """Remove HTML tags (``<p>``, ``<br/>`` in drug labels) and unescape entities (``&nbsp;``)."""
+
+    whitespace: bool = True
+    """Normalise line ends to ``\\n``, drop control and zero-width characters, collapse runs of
+    spaces/tabs, strip line ends and the document, and cap blank lines at one."""
+
+    min_chars: int = 10
+    """Drop texts shorter than this many characters (reason ``too_short``); 0 keeps all."""
+
+    max_chars: int = 0
+    """Drop texts longer than this (reason ``too_long``); 0 = no limit."""
+
+    def __post_init__(self):
+        _check_choice("cleaning.unicode", self.unicode, UNICODE_FORMS)
+        for k in ("min_chars", "max_chars"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"cleaning.{k}={getattr(self, k)} must be >= 0")
+
+
+@dataclass
+class NearDedupConfig:
+    """MinHash/LSH near-duplicate removal (``dedup=near``; datasketch)."""
+
+    threshold: float = 0.8
+    """Estimated Jaccard similarity of character n-gram sets above which a text is a
+    near-duplicate of an earlier one."""
+
+    num_perm: int = 128
+    ngram: int = 5
+    """Character n-gram size of the shingles (Chinese has no word spaces)."""
+
+    seed: int = 1
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"near_dedup.threshold={self.threshold} must be in (0, 1)")
+        if self.num_perm < 16:
+            raise ConfigError(f"near_dedup.num_perm={self.num_perm} must be >= 16")
+        if self.ngram < 1:
+            raise ConfigError(f"near_dedup.ngram={self.ngram} must be >= 1")
+
+
+@dataclass
+class PreprocessConfig(ReaderOptions):
+    """Corpora -> ``<output_dir>/<source>_text_document.bin/.idx`` + ``report.md/json``.
+
+    Either ``sources`` (named corpora, e.g. from ``conf/data/sources/``) or an ad-hoc single
+    source: ``input=<file or glob>`` with the reader options at the top level.
+    """
+
+    tokenizer: str = "???"
+    """An HF tokenizer folder (tokenizer.json) or a SentencePiece ``.model``."""
+
+    output_dir: str = "???"
+
+    input: str | None = None
+    """Ad-hoc single source: a file or glob (relative to the working directory)."""
+
+    name: str | None = None
+    """Ad-hoc source name (default: the input file's stem)."""
+
+    group: str = "other"
+    """Ad-hoc source report group."""
+
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """Named sources, processed (and deduplicated: first occurrence wins) in this order."""
+
+    data_root: str = "data/raw"
+    """Base folder of relative ``files`` in sources."""
+
+    tokenizer_backend: str = "auto"
+    """auto (gigatoken where it supports the tokenizer, else HF tokenizers / sentencepiece) |
+    gigatoken | hf | sentencepiece. All give ids identical to the reference tokenizer."""
+
+    eod_token: str | None = None
+    """Token appended after each document (default: ``<|endoftext|>`` if the vocabulary has it,
+    else the tokenizer's eos token)."""
+
+    clean: bool = True
+    cleaning: CleanConfig = field(default_factory=CleanConfig)
+
+    dedup: str = "exact"
+    """none | exact (content hash, across all sources) | near (exact + MinHash/LSH)."""
+
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+
+    strict: bool = False
+    """Make malformed records and undecodable bytes fatal (with file:line)."""
+
+    workers: int = 0
+    """Worker processes; 0 = auto (in-process with the Rust tokenizer's threads for small inputs
+    or <= 4 cores, else one process per core); 1 = in-process."""
+
+    chunk_mb: float = 8.0
+    """Size of the pieces large line-based files are cut into for parallel work."""
+
+    force: bool = False
+    """Redo every source even when its outputs are complete and up to date."""
+
+    verify_tokenizer: int = 0
+    """Per source, re-encode this many documents with the reference tokenizer (HF tokenizers /
+    sentencepiece) and fail if any id differs; 0 = off."""
+
+    samples: int = 5
+    """Malformed-record samples (file:line: error) kept per source in the report."""
+
+    def __post_init__(self):
+        for k in ("tokenizer", "output_dir"):
+            v = getattr(self, k)
+            if not v or v == "???":
+                raise ConfigError(f"{k} is not set; pass {k}=<path>")
+        _check_choice("dedup", self.dedup, DEDUP_MODES)
+        _check_choice("tokenizer_backend", self.tokenizer_backend, BACKENDS)
+        if self.workers < 0:
+            raise ConfigError(f"workers={self.workers} must be >= 0 (0 = auto)")
+        if self.chunk_mb <= 0:
+            raise ConfigError(f"chunk_mb={self.chunk_mb} must be > 0")
+        if self.verify_tokenizer < 0 or self.samples < 0:
+            raise ConfigError("verify_tokenizer and samples must be >= 0")
+        if isinstance(self.cleaning, dict):
+            self.cleaning = CleanConfig(**self.cleaning)
+        if isinstance(self.near_dedup, dict):
+            self.near_dedup = NearDedupConfig(**self.near_dedup)
+        self.sources = {
+            str(k): (SourceConfig(**v) if isinstance(v, dict) else v)
+            for k, v in (self.sources or {}).items()
+        }
+        if self.input:
+            if self.sources:
+                raise ConfigError(
+                    "input= and sources are both given; run either one ad-hoc input or the "
+                    "configured sources"
+                )
+            self._validate_reader("")
+        else:
+            defaults = ReaderOptions()
+            changed = [
+                f.name
+                for f in dataclasses.fields(ReaderOptions)
+                if _plain(getattr(self, f.name)) != _plain(getattr(defaults, f.name))
+            ]
+            if changed:
+                raise ConfigError(
+                    f"top-level reader option(s) {changed} only apply to an ad-hoc input=; set "
+                    "them per source (sources.<name>.<option>) or pass input=<file or glob>"
+                )
+            if not any(s.enabled for s in self.sources.values()):
+                raise ConfigError(
+                    "nothing to do: give input=<file or glob> (with reader=...), or sources, "
+                    "e.g. 'data/sources=[huatuo26m_test]'"
+                )
+            for n, s in self.sources.items():
+                s.validate(n)
+
+
+def register() -> None:
+    """Register the schema as ``preprocess_schema`` in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="preprocess_schema", node=PreprocessConfig)

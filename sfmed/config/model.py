@@ -1,0 +1,113 @@
+"""Schema of the ``model`` group (``conf/model/*.yaml``): a Qwen2 architecture + implementation.
+
+The architecture fields mirror ``sfmed.models.qwen2.Qwen2Arch``; ``hf_config`` reads them from a
+Hugging Face ``config.json`` instead. Implementation choices (Transformer Engine or megatron's
+local modules, attention kernel) live here too because they decide the layer spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sfmed.models.qwen2 import ConfigError, Qwen2Arch, arch_from_hf_config
+
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "unfused")
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen2-family model as megatron-core builds it."""
+
+    name: str = "tiny"
+    """Label only (logs, wandb, checkpoint metadata)."""
+
+    hf_config: str | None = None
+    """An HF ``config.json`` (or the folder holding it): when set, the architecture fields below
+    are read from it and the values given here are ignored."""
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 8
+    num_query_groups: int = 2
+    """Key/value heads (``num_key_value_heads`` in HF): GQA when fewer than attention heads."""
+
+    kv_channels: int | None = None
+    """Head dimension; ``None`` = hidden_size / num_attention_heads."""
+
+    vocab_size: int = 1000
+    """The tokenizer's vocabulary (before Megatron's padding)."""
+
+    max_position_embeddings: int = 256
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = False
+
+    make_vocab_size_divisible_by: int = 128
+    """The vocabulary is padded to a multiple of this × lcm(TP, 8) (as the conversion does, so a
+    checkpoint loads at every TP up to 8). An init/resume checkpoint's own ``padded_vocab_size``
+    (sfmed.json) always wins, so the embedding keeps its shape."""
+
+    transformer_impl: str = "auto"
+    """``transformer_engine`` (TE layer spec: fused attention, FP8), ``local`` (megatron's own
+    modules, no TE needed) or ``auto`` (TE when installed and running on CUDA)."""
+
+    attention_backend: str = "auto"
+    """Core attention of the local spec: ``sdpa`` (PyTorch scaled_dot_product_attention, flash /
+    cuDNN / memory-efficient kernels on GPU), ``flash`` (the flash-attn package), ``unfused``
+    (megatron's DotProductAttention, materialises the s×s scores) or ``auto`` (flash-attn when
+    installed on CUDA, else sdpa). Ignored with Transformer Engine, which picks its own kernel."""
+
+    def __post_init__(self):
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ConfigError(
+                f"model.transformer_impl={self.transformer_impl!r} is not one of "
+                f"{list(TRANSFORMER_IMPLS)}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"model.attention_backend={self.attention_backend!r} is not one of "
+                f"{list(ATTENTION_BACKENDS)}"
+            )
+        for k in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "vocab_size",
+            "max_position_embeddings",
+            "make_vocab_size_divisible_by",
+        ):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"model.{k}={getattr(self, k)} must be >= 1")
+        if self.hf_config is None:
+            if self.num_attention_heads % self.num_query_groups:
+                raise ConfigError(
+                    f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                    f"model.num_query_groups={self.num_query_groups}"
+                )
+            if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"model.hidden_size={self.hidden_size} is not divisible by "
+                    f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels"
+                )
+
+    def arch(self) -> Qwen2Arch:
+        """The architecture these settings describe (from ``hf_config`` when given)."""
+        if self.hf_config:
+            return arch_from_hf_config(self.hf_config)
+        return Qwen2Arch(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            tie_word_embeddings=self.tie_word_embeddings,
+            kv_channels=self.kv_channels or self.hidden_size // self.num_attention_heads,
+        )

@@ -1,0 +1,89 @@
+"""Schema of the ``optim`` group (``conf/optim/*.yaml``): AdamW, LR schedule, clipping, guard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sfmed.models.qwen2 import ConfigError
+
+DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
+GUARD_ACTIONS = ("skip", "stop")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with fp32 master weights, warmup then decay to a floor, and a loss guard."""
+
+    lr: float = 1e-5
+    """Peak learning rate (reached at the end of warmup)."""
+
+    min_lr: float = 1e-6
+    """The floor the schedule decays to."""
+
+    warmup_steps: int = 0
+    decay_style: str = "cosine"
+    """cosine | linear | constant | WSD (warmup-stable-decay) | inverse-square-root."""
+
+    decay_steps: int | None = None
+    """Steps over which the LR decays (warmup included); ``None`` = train.steps."""
+
+    wsd_decay_steps: int | None = None
+    """With decay_style=WSD: length of the final decay phase."""
+
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+
+    nan_action: str = "stop"
+    """What a NaN/Inf loss does: ``skip`` the update (data still consumed) or ``stop`` the run
+    (the last checkpoint is kept). Always logged."""
+
+    spike_action: str | None = "skip"
+    """What a loss spike does (loss > spike_factor × the mean of the last spike_window accepted
+    losses): ``skip``, ``stop`` or ``None`` (not checked). Always logged."""
+
+    spike_factor: float = 2.0
+    spike_window: int = 50
+    spike_min_history: int = 20
+    """Spike detection starts once this many losses were accepted."""
+
+    max_consecutive_skips: int = 10
+    """Stop the run when this many steps in a row were skipped."""
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.decay_style not in DECAY_STYLES:
+            raise ConfigError(
+                f"optim.decay_style={self.decay_style!r} is not one of {list(DECAY_STYLES)}"
+            )
+        if self.decay_style == "WSD" and not self.wsd_decay_steps:
+            raise ConfigError("optim.decay_style=WSD needs optim.wsd_decay_steps >= 1")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ConfigError("optim.weight_decay and optim.clip_grad must be >= 0")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
+            raise ConfigError(
+                f"optim.adam_beta1={self.adam_beta1}, adam_beta2={self.adam_beta2} must be in "
+                f"[0, 1) and adam_eps={self.adam_eps} > 0"
+            )
+        if self.nan_action not in GUARD_ACTIONS:
+            raise ConfigError(f"optim.nan_action={self.nan_action!r} is not one of {GUARD_ACTIONS}")
+        if self.spike_action is not None and self.spike_action not in GUARD_ACTIONS:
+            raise ConfigError(
+                f"optim.spike_action={self.spike_action!r} is not one of {GUARD_ACTIONS} or null"
+            )
+        if self.spike_factor <= 1 or self.spike_window < 1 or self.spike_min_history < 1:
+            raise ConfigError(
+                "optim.spike_factor must be > 1, spike_window and spike_min_history >= 1"
+            )
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(
+                f"optim.max_consecutive_skips={self.max_consecutive_skips} must be >= 1"
+            )

@@ -1,0 +1,258 @@
+"""Megatron checkpoint (torch_dist, any TP/PP, converted or trained) -> HF Qwen2 folder.
+
+Mirror of :mod:`sfmed.convert.hf_to_mcore`: the same key map and tensor functions, run backwards,
+one tensor (one layer's slice of a stacked tensor, or one stored row block of the vocabulary) at a
+time. Only the model's tensors are read: optimizer state, RNG and other top-level entries of a
+trained checkpoint (``model0``/``model1`` of virtual pipeline stages included, whose tensors share
+the same global keys) are ignored. Vocabulary padding is stripped; tied embeddings stay tied (no
+``lm_head.weight``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from sfmed.convert import keymap as km
+from sfmed.convert import tensors as T
+from sfmed.convert.background import prefetched
+from sfmed.convert.errors import CheckpointFormatError, CheckpointMismatchError
+from sfmed.convert.hf_io import (
+    SafetensorsWriter,
+    copy_sidecar,
+    dtype_name,
+    parse_size,
+    sidecar_files,
+)
+from sfmed.convert.report import ConversionSummary, progress_bar
+from sfmed.convert.torch_dist import TorchDistReader
+from sfmed.models.qwen2 import (
+    ConfigError,
+    Qwen2Arch,
+    arch_from_dict,
+    arch_from_hf_config,
+    hf_config_dict,
+)
+from sfmed.utils import megatron_layout as layout
+from sfmed.utils.atomic import atomic_dir, check_destination
+
+log = logging.getLogger(__name__)
+
+
+def find_hf_sidecar(ckpt_dir: Path, hf_config: str | Path | None = None) -> Path | None:
+    """The folder with the HF config/tokenizer for a checkpoint folder: ``hf_config`` when given,
+    else ``<root>/hf`` beside the iteration folders (or ``hf`` inside it)."""
+    if hf_config is not None:
+        p = Path(hf_config)
+        p = p.parent if p.is_file() else p
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"hf_config={hf_config} holds no config.json")
+        return p
+    for cand in (ckpt_dir.parent / layout.HF_SIDECAR, ckpt_dir / layout.HF_SIDECAR):
+        if (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def checkpoint_arch(ckpt: str | Path, hf_config: str | Path | None = None) -> tuple[Qwen2Arch, int]:
+    """(architecture, padded vocabulary size) of a checkpoint (root or iteration folder).
+
+    Read from ``sfmed.json``; for checkpoints without it (e.g. Megatron-LM's) from the HF
+    ``config.json`` beside it or ``hf_config``, and the stored embedding's row count.
+    """
+    ckpt_dir = layout.resolve_checkpoint(ckpt)
+    meta = layout.read_meta(ckpt_dir)
+    if meta.get("arch"):
+        arch = arch_from_dict(meta["arch"])
+    else:
+        sidecar = find_hf_sidecar(ckpt_dir, hf_config)
+        if sidecar is None:
+            raise CheckpointFormatError(
+                f"{ckpt_dir} has no {layout.META} and no HF config.json beside it "
+                f"({ckpt_dir.parent / layout.HF_SIDECAR}); pass hf_config=<HF folder of the model>"
+            )
+        arch = arch_from_hf_config(sidecar)
+    padded = meta.get("padded_vocab_size")
+    if padded is None:
+        padded = TorchDistReader(ckpt_dir).shape(km.EMBED)[0]
+    return arch, int(padded)
+
+
+def expected_mcore_tensors(arch: Qwen2Arch, padded: int) -> dict[str, tuple[int, ...]]:
+    """Global shape of every checkpoint tensor of ``arch``."""
+    out = {}
+    for m in km.tensor_maps(arch):
+        shape = T.mcore_shape(m, arch, padded)
+        out[m.mcore] = (arch.num_layers, *shape) if m.layered else shape
+    return out
+
+
+def check_checkpoint_tensors(reader: TorchDistReader, arch: Qwen2Arch, padded: int) -> None:
+    """Raise :class:`CheckpointMismatchError` naming the first tensor the checkpoint lacks or
+    stores in another shape than ``arch`` implies; check the data files are all there."""
+    expected = expected_mcore_tensors(arch, padded)
+    for key, shape in expected.items():
+        if not reader.has(key):
+            hint = " (the model is untied: tie_word_embeddings=false)" if key == km.OUTPUT else ""
+            raise CheckpointMismatchError(f"{reader.dir} lacks tensor {key}{hint}")
+        got = reader.shape(key)
+        if got != shape:
+            raise CheckpointMismatchError(
+                f"{reader.dir}: {key} has shape {list(got)} but the model description "
+                f"(sfmed.json / config.json) implies {list(shape)}"
+            )
+    reader.check_files(list(expected))
+
+
+def convert_mcore_to_hf(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    hf_config: str | Path | None = None,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert the Megatron checkpoint ``src`` (root with tracker, or an iter_*/release folder)
+    into an HF Qwen2 folder ``dst`` that ``transformers`` loads as ``Qwen2ForCausalLM``.
+
+    ``dtype=None`` keeps the stored dtype (exact). ``hf_config`` supplies config.json and
+    tokenizer files when the checkpoint carries none. Returns a :class:`ConversionSummary`.
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    ckpt_dir = layout.resolve_checkpoint(src)
+    check_destination(dst, overwrite)
+    shard_bytes = parse_size(max_shard_size)
+    reader = TorchDistReader(ckpt_dir)
+    arch, padded = checkpoint_arch(ckpt_dir, hf_config)
+    check_checkpoint_tensors(reader, arch, padded)
+    sidecar = find_hf_sidecar(ckpt_dir, hf_config)
+    stored = Counter(reader.dtype(m.mcore) for m in km.tensor_maps(arch))
+    out_dtype = dtype or stored.most_common(1)[0][0]
+    if len(stored) > 1 and dtype is None:
+        log.warning("checkpoint mixes dtypes %s; writing %s", dict(stored), out_dtype)
+    specs = [
+        (name, shape, out_dtype)
+        for m, layer in km.conversion_order(arch)
+        for name, shape in zip(m.hf_names(layer), T.hf_shapes(m, arch))
+    ]
+    log.info(
+        "mcore->hf %s: %d layers, hidden %d, vocab %d (stored %d), %s",
+        ckpt_dir,
+        arch.num_layers,
+        arch.hidden_size,
+        arch.vocab_size,
+        padded,
+        dtype_name(out_dtype),
+    )
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
+        writer = SafetensorsWriter(tmp, specs, shard_bytes)
+        try:
+            tensors = (
+                (name, t.to(out_dtype))
+                for m, layer in km.conversion_order(arch)
+                for name, t in _hf_tensors(reader, m, layer, arch)
+            )
+            with progress_bar(writer.total_bytes, "mcore->hf", progress) as bar:
+                for name, t in prefetched(tensors):  # reading runs ahead of the writes
+                    writer.write(name, t)
+                    bar.update(t.numel() * out_dtype.itemsize)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        _write_hf_side_files(tmp, arch, sidecar, out_dtype, final=dst)
+        n_files = len(writer.shard_names)
+    summary = ConversionSummary(
+        "mcore->hf",
+        str(ckpt_dir),
+        str(dst),
+        len(specs),
+        writer.total_bytes,
+        time.perf_counter() - t0,
+        n_files,
+    )
+    log.info(summary.line())
+    return summary
+
+
+def _hf_tensors(reader: TorchDistReader, m: km.TensorMap, layer: int | None, arch: Qwen2Arch):
+    """Yield (HF name, tensor or row block) for one map and layer."""
+    if m.kind == "vocab":
+        (name,) = m.hf
+        chunks = sorted(reader.chunks(m.mcore))
+        if all(off[1] == 0 and size[1] == arch.hidden_size for off, size in chunks):
+            for off, size in chunks:  # whole stored row blocks, padding rows cut off
+                if off[0] < arch.vocab_size:
+                    rows = reader.read(m.mcore, off, size)
+                    yield name, rows[: arch.vocab_size - off[0]]
+            return
+        starts = sorted({off[0] for off, _ in chunks} | {0})
+        bounds = [s for s in starts if s < arch.vocab_size] + [arch.vocab_size]
+        for a, b in zip(bounds, bounds[1:]):
+            yield name, reader.read(m.mcore, (a, 0), (b - a, arch.hidden_size))
+        return
+    shape = T.mcore_shape(m, arch, 0)
+    if m.kind == "gate_up" and m.layered:
+        half = shape[0] // 2
+        blocks = _row_chunks(reader, m.mcore, layer, half)
+        if blocks is not None:  # stream gate then up, stored block by block: no assembly copy
+            for name, which in zip(m.hf_names(layer), (0, 1)):
+                for start, rows in blocks:
+                    if start // half == which:
+                        yield name, reader.read(m.mcore, (layer, start, 0), (1, rows, shape[1]))[0]
+            return
+    if m.layered:
+        t = reader.read(m.mcore, (layer, *[0] * len(shape)), (1, *shape))[0]
+    else:
+        t = reader.read(m.mcore, (0,) * len(shape), shape)
+    yield from zip(m.hf_names(layer), T.to_hf(m, t, arch))
+
+
+def _row_chunks(reader: TorchDistReader, key: str, layer: int, half: int):
+    """The stored chunks of one layer of ``key`` as sorted (first row, rows) when they split rows
+    only and none straddles ``half`` (megatron's fc1 grid at any TP); else None."""
+    out = []
+    for off, size in reader.chunks(key):
+        if off[0] <= layer < off[0] + size[0]:
+            if size[0] != 1 or any(off[2:]) or off[1] // half != (off[1] + size[1] - 1) // half:
+                return None
+            out.append((off[1], size[1]))
+    return sorted(out)
+
+
+def _write_hf_side_files(
+    out: Path, arch: Qwen2Arch, sidecar: Path | None, dtype: torch.dtype, final: Path
+) -> None:
+    """config.json (the original one, dtype updated if cast), generation config, tokenizer."""
+    if sidecar is not None:
+        copy_sidecar(sidecar, out)
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        key = "torch_dtype" if "torch_dtype" in cfg else "dtype"
+        if cfg.get(key) != dtype_name(dtype):
+            cfg[key] = dtype_name(dtype)
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    else:
+        log.warning(
+            "no HF config/tokenizer files travel with this checkpoint: writing a config.json from "
+            "its architecture; add tokenizer files (or pass hf_config=<HF folder>)"
+        )
+        (out / "config.json").write_text(
+            json.dumps(hf_config_dict(arch, dtype_name(dtype)), indent=2, sort_keys=True) + "\n"
+        )
+    if not (out / "generation_config.json").is_file():
+        from transformers import GenerationConfig, Qwen2Config
+
+        cfg = Qwen2Config.from_pretrained(str(out))
+        GenerationConfig.from_model_config(cfg).save_pretrained(str(out))
+    has_tokenizer = any(p.name.startswith("tokenizer") for p in sidecar_files(out))
+    if not has_tokenizer:
+        log.warning("%s gets no tokenizer files; copy them from the original HF model", final)

@@ -1,0 +1,188 @@
+"""Core attention for megatron-core's local layer spec through fused kernels.
+
+megatron-core's local ``DotProductAttention`` materialises the ``[b, heads, s, s]`` score matrix
+and runs softmax in a separate pass. Without Transformer Engine that is the only core attention
+megatron-core offers; :class:`SDPAttention` plugs PyTorch's ``scaled_dot_product_attention``
+(flash / cuDNN / memory-efficient kernels on GPU, a math fallback on CPU) into the same
+``core_attention`` slot of the ``ModuleSpec``, and :class:`FlashAttention` the flash-attn package.
+
+Both take the tensors ``SelfAttention`` hands to core attention (``[s, b, heads_per_partition,
+head_dim]`` queries, ``[s, b, groups_per_partition, head_dim]`` keys/values, already rotated by
+RoPE and already split over the TP ranks) and return ``[s, b, heads_per_partition *
+head_dim]``, exactly like ``DotProductAttention``. GQA is kept grouped (no repeated K/V copies).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Causal (or masked) GQA attention via ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Same constructor and forward signature as megatron's ``DotProductAttention``, so it is used
+    through ``ModuleSpec(core_attention=SDPAttention)``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "context parallelism needs Transformer Engine's attention "
+                "(model.transformer_impl=transformer_engine); SDPAttention runs with cp=1"
+            )
+        if config.window_size is not None:
+            raise ValueError("sliding-window attention is not supported by SDPAttention")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError("SDPAttention supports only the vanilla softmax")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp_size = pg_collection.tp.size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.num_heads = divide(config.num_attention_heads, tp_size)
+        self.num_groups = divide(config.num_query_groups, tp_size)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        )
+        # apply_query_key_layer_scaling needs nothing here: DotProductAttention divides the
+        # scale by the layer number and multiplies the fp32 scores back, i.e. the plain scale.
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+
+    def _is_causal(self, attention_mask, attn_mask_type) -> bool:
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        return attention_mask is None and mask_type == AttnMaskType.causal
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        """``[s, b, np, hn]`` q, ``[s, b, ng, hn]`` k/v → ``[s, b, np * hn]``."""
+        if packed_seq_params is not None:
+            raise ValueError("packed sequences need Transformer Engine attention")
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by SDPAttention")
+        sq, b = query.shape[0], query.shape[1]
+        # [s, b, h, d] -> [b, h, s, d]: strided views, the kernels accept them.
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        is_causal = self._is_causal(attention_mask, attn_mask_type)
+        mask = None
+        if not is_causal and attention_mask is not None:
+            # megatron's masks are True where attention is NOT allowed; SDPA's the opposite.
+            mask = ~attention_mask.bool()
+        dropout_p = self.dropout_p if self.training else 0.0
+        gqa = self.num_heads != self.num_groups
+        if gqa and not _SDPA_HAS_GQA:  # torch < 2.5
+            rep = self.num_heads // self.num_groups
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
+        kw = {"enable_gqa": True} if gqa else {}
+
+        def attend():
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=self.softmax_scale,
+                **kw,
+            )
+
+        if dropout_p > 0 and not self.config.sequence_parallel:
+            # Same RNG discipline as DotProductAttention: TP ranks drop different heads.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = attend()
+        else:
+            context = attend()
+        # [b, np, s, hn] -> [s, b, np * hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
+
+
+class FlashAttention(SDPAttention):
+    """Core attention through the flash-attn package (``flash_attn_func``; GPU, bf16/fp16)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError as e:
+            raise ImportError(
+                "model.attention_backend=flash needs the flash-attn package "
+                "(pip install flash-attn); use attention_backend=sdpa otherwise"
+            ) from e
+        self._flash = flash_attn_func
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
+        """Same contract as :meth:`SDPAttention.forward`; causal masks only."""
+        if not self._is_causal(attention_mask, attn_mask_type) or attention_bias is not None:
+            return super().forward(
+                query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
+            )
+        sq, b = query.shape[0], query.shape[1]
+        # flash-attn wants [b, s, h, d] contiguous; it handles GQA (fewer K/V heads) natively.
+        q, k, v = (t.transpose(0, 1).contiguous() for t in (query, key, value))
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = self._flash(q, k, v, dropout_p, softmax_scale=self.softmax_scale, causal=True)
+        else:
+            out = self._flash(q, k, v, dropout_p, softmax_scale=self.softmax_scale, causal=True)
+        return out.transpose(0, 1).reshape(sq, b, self.num_heads * self.head_dim)
+
+
+def _sdpa_has_gqa() -> bool:
+    import inspect
+
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # builtin without a signature: probe instead
+        try:
+            x = torch.zeros(1, 2, 1, 4)
+            F.scaled_dot_product_attention(x, x[:, :1], x[:, :1], enable_gqa=True)
+            return True
+        except TypeError:
+            return False
+
+
+_SDPA_HAS_GQA = _sdpa_has_gqa()

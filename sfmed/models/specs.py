@@ -1,0 +1,80 @@
+"""Decoder block specs for training: which modules megatron-core builds, chosen by spec.
+
+The architecture varies by ``ModuleSpec`` (megatron-core's idea), never by ``if`` in forward:
+
+* ``transformer_engine``: megatron's TE block spec (fused LayerNorm+Linear, TE attention with
+  its flash/cuDNN backends, FP8, context parallelism).
+* ``local``: megatron's local spec (no TE, no apex) with the core attention swapped for
+  :class:`~sfmed.models.attention.SDPAttention` / :class:`~sfmed.models.attention.FlashAttention`
+  (or megatron's unfused ``DotProductAttention``) and every RMSNorm — the final one too — swapped
+  for :class:`~sfmed.models.norm.RMSNorm`, which supports sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+from sfmed.models.attention import FlashAttention, SDPAttention
+from sfmed.models.norm import RMSNorm
+
+
+def te_available() -> bool:
+    """Whether Transformer Engine's PyTorch extension can be imported."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # broken TE builds raise all kinds of errors at import
+        return False
+    return True
+
+
+def flash_attn_available() -> bool:
+    """Whether the flash-attn package is installed."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def core_attention_module(backend: str):
+    """The core-attention class of the local spec for ``backend`` (sdpa | flash | unfused)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    table = {"sdpa": SDPAttention, "flash": FlashAttention, "unfused": DotProductAttention}
+    if backend not in table:
+        raise ValueError(f"attention backend {backend!r} is not one of {sorted(table)}")
+    return table[backend]
+
+
+def local_layer_spec(attention: str = "sdpa"):
+    """megatron's local GPT layer spec with sfmed's attention and SP-capable RMSNorm."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    spec.submodules.self_attention.submodules.core_attention = core_attention_module(attention)
+    return spec
+
+
+def decoder_block_spec(config, impl: str = "local", attention: str = "sdpa", vp_stage=None):
+    """``TransformerBlockSubmodules`` for this rank's (virtual) pipeline stage.
+
+    ``impl`` is ``local`` or ``transformer_engine``; ``attention`` applies to ``local`` only.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if impl == "transformer_engine":
+        return get_gpt_decoder_block_spec(
+            config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
+        )
+    if impl != "local":
+        raise ValueError(f"transformer impl {impl!r} is not 'local' or 'transformer_engine'")
+    # Every layer of a Qwen2 model has the same spec, so this stage's slice is n copies.
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(
+        layer_specs=[local_layer_spec(attention)] * n, layer_norm=RMSNorm
+    )

@@ -1,0 +1,211 @@
+"""The training loop: steps through megatron-core's pipeline schedules, guard, logs, saves, exits.
+
+One step = zero the DDP grad buffers → ``forward_backward_func`` over all micro-batches (1F1B,
+interleaved with virtual stages) → all-reduce the (loss sum, token count) → loss guard →
+LR schedule + optimizer step. Every rank leaves the loop at the same step: exit signals and the
+wall-clock limit are all-reduced at each step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Test/fault-drill hook: after this step (and its checkpoint) every rank sleeps until killed, so a
+# test can SIGKILL a run at a known point. Never set in normal use.
+FAULT_ENV = "SFMED_FAULT_SLEEP_AFTER_STEP"
+
+
+class TrainingStopped(RuntimeError):
+    """The loss guard stopped the run (NaN/Inf or a spike with action=stop)."""
+
+
+@dataclass
+class LoopState:
+    """Where the run is: steps done, samples consumed, skip counters."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ExitSignals:
+    """Records configured signals so the loop can save and exit at the next step boundary."""
+
+    def __init__(self, names: list[str]):
+        self.received: str | None = None
+        self._old = {}
+        for name in names:
+            sig = getattr(signal, name)
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        log.warning("received %s: saving a checkpoint and exiting after this step", self.received)
+
+    def restore(self) -> None:
+        """Put back the previous handlers."""
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _device_tensor(values, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def reduce_loss(losses: list[dict], device) -> tuple[float, float]:
+    """Global (loss sum, token count) of a step, identical on every rank."""
+    from megatron.core import parallel_state as ps
+
+    t = _device_tensor([0.0, 0.0], device)
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
+        t += torch.stack([d["lm loss"].double() for d in losses]).sum(0).to(device)
+        # TP ranks of the last stage hold the same numbers: count them once.
+        if ps.get_tensor_model_parallel_rank() != 0:
+            t.zero_()
+    dist.all_reduce(t)
+    return float(t[0]), float(t[1])
+
+
+def should_exit(signals: ExitSignals | None, deadline: float | None, device) -> str | None:
+    """The reason to stop now, agreed by all ranks (signal on any rank, or time limit)."""
+    local = 0.0
+    if signals is not None and signals.received:
+        local = 1.0
+    if deadline is not None and time.time() >= deadline:
+        local = max(local, 2.0)
+    t = _device_tensor([local], device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    code = int(t.item())
+    return {0: None, 1: "signal", 2: "time limit"}[code]
+
+
+@dataclass
+class StepResult:
+    """Outcome of one training step."""
+
+    loss: float
+    tokens: float
+    grad_norm: float | None
+    applied: bool
+    reason: str = ""
+
+
+def train_step(ctx, data_iterators) -> StepResult:
+    """One optimizer step over ``num_microbatches`` micro-batches (see module docstring)."""
+    for m in ctx.model:
+        m.zero_grad_buffer()
+    ctx.optimizer.zero_grad()
+    losses = ctx.forward_backward(
+        forward_step_func=ctx.forward_step,
+        data_iterator=data_iterators if len(ctx.model) > 1 else data_iterators[0],
+        model=ctx.model,
+        num_microbatches=ctx.plan.num_microbatches,
+        seq_length=ctx.seq_length,
+        micro_batch_size=ctx.micro_batch_size,
+        forward_only=False,
+    )
+    loss_sum, tokens = reduce_loss(losses, ctx.device)
+    loss = loss_sum / max(tokens, 1.0)
+    verdict = ctx.guard.check(loss)
+    if verdict.action == "stop":
+        raise TrainingStopped(f"stopping the run: {verdict.reason}")
+    if verdict.action == "skip":
+        log.warning("skipping the update of step %d: %s", ctx.state.iteration + 1, verdict.reason)
+        return StepResult(loss, tokens, None, False, verdict.reason)
+    # The LR of step k is the schedule's value at k (Megatron-LM steps it after the update,
+    # which makes the first warmup step use lr=0).
+    ctx.scheduler.step(increment=1)
+    ok, grad_norm, _ = ctx.optimizer.step()
+    if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+        raise TrainingStopped(
+            f"non-finite gradient norm {grad_norm} at step {ctx.state.iteration + 1} with a "
+            "finite loss; the update was applied, so the run stops (resume from the last "
+            "checkpoint, perhaps with a lower optim.lr)"
+        )
+    if not ok:  # fp16 loss-scale overflow: megatron skipped the update itself
+        ctx.guard.skipped_total += 1
+        return StepResult(loss, tokens, None, False, "fp16 overflow")
+    ctx.guard.accept(loss)
+    return StepResult(loss, tokens, None if grad_norm is None else float(grad_norm), True)
+
+
+def evaluate(ctx, valid_dataset) -> float:
+    """Mean per-token validation loss over ``train.eval_iters`` global batches."""
+    from sfmed.train.data import chunk_iterators
+
+    for m in ctx.model:
+        m.eval()
+    iters = chunk_iterators(valid_dataset, 0, ctx.cfg, ctx.plan, ctx.model)
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for _ in range(ctx.cfg.train.eval_iters):
+            losses = ctx.forward_backward(
+                forward_step_func=ctx.forward_step,
+                data_iterator=iters if len(ctx.model) > 1 else iters[0],
+                model=ctx.model,
+                num_microbatches=ctx.plan.num_microbatches,
+                seq_length=ctx.seq_length,
+                micro_batch_size=ctx.micro_batch_size,
+                forward_only=True,
+            )
+            s, c = reduce_loss(losses, ctx.device)
+            total, count = total + s, count + c
+    for m in ctx.model:
+        m.train()
+    return total / max(count, 1.0)
+
+
+def run_loop(ctx, train_iters, valid_dataset, signals: ExitSignals | None) -> str:
+    """Train until ``train.steps`` (or an exit request); return 'complete' or 'interrupted'."""
+    cfg, st = ctx.cfg, ctx.state
+    t_cfg = cfg.train
+    deadline = (
+        ctx.start_time + 60 * t_cfg.exit_duration_minutes if t_cfg.exit_duration_minutes else None
+    )
+    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+    gbs, seq = t_cfg.global_batch_size, ctx.seq_length
+    window_start, window_steps, window_tokens, paused = time.perf_counter(), 0, 0, 0.0
+    while st.iteration < t_cfg.steps:
+        reason = should_exit(signals, deadline, ctx.device)
+        if reason:
+            log.warning("exit requested (%s) at step %d", reason, st.iteration)
+            ctx.save()
+            return "interrupted"
+        res = train_step(ctx, train_iters)
+        st.iteration += 1
+        st.consumed_samples += gbs
+        st.skipped_steps = ctx.guard.skipped_total
+        window_steps += 1
+        window_tokens += gbs * seq
+        if st.iteration % cfg.logging.interval == 0 or st.iteration == t_cfg.steps:
+            if ctx.plan.device == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - window_start - paused
+            ctx.log_step(res, elapsed / window_steps, window_tokens / elapsed)
+            window_start, window_steps, window_tokens, paused = time.perf_counter(), 0, 0, 0.0
+        t0 = time.perf_counter()  # throughput excludes evaluation and checkpointing
+        ctx.checkpointer.maybe_finalize()
+        if t_cfg.eval_interval and st.iteration % t_cfg.eval_interval == 0 and valid_dataset:
+            ctx.log_eval(evaluate(ctx, valid_dataset))
+        if t_cfg.save_interval and st.iteration % t_cfg.save_interval == 0:
+            ctx.save()
+        paused += time.perf_counter() - t0
+        if fault_step and st.iteration == fault_step:
+            ctx.checkpointer.close()
+            log.warning("%s=%d: sleeping until killed", FAULT_ENV, fault_step)
+            while True:
+                time.sleep(60)
+    if t_cfg.save_final and ctx.checkpointer.last_saved != st.iteration:
+        ctx.save()
+    return "complete"

@@ -1,0 +1,198 @@
+"""GPU benchmark of continued pretraining: tokens/s and MFU per configuration on one GPU.
+
+Shapes (bf16, sequence 4096, random tokens through the real data pipeline):
+
+* ``1.5b``: Qwen2-1.5B (28 layers, hidden 1536, GQA 12/2, vocab 151936).
+* ``7b-layers``: 4 layers of Qwen2-7B width (hidden 3584, ffn 18944, GQA 28/4, vocab 152064), so
+  it fits one GPU with its optimizer state.
+
+Configurations vary the attention backend (megatron's unfused DotProductAttention = the
+baseline; PyTorch SDPA; flash-attn and Transformer Engine when installed), activation
+recomputation and the micro-batch. Each runs ``launch/pretrain.py`` under ``torchrun
+--nproc_per_node 1`` in its own process; the numbers are medians over the steps after warm-up of
+what the trainer logs to ``metrics.jsonl``, printed side by side with the ratio to the baseline.
+MFU uses 989 TFLOP/s (H100/H200 bf16 dense); ``mfu`` counts full attention FLOPs (PaLM /
+Megatron-LM convention), ``mfu_causal`` half of them. Goal (issue 4): >= 50 % (full) on 1.5b and
+>= 55 % on 7b-layers without TE.
+
+    python tests/benchmarks/bench_pretrain_gpu.py                  # everything (~15 min on H100)
+    python tests/benchmarks/bench_pretrain_gpu.py --shapes 1.5b --configs sdpa-mbs2,unfused-mbs1
+    python tests/benchmarks/bench_pretrain_gpu.py --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+SHAPES = {
+    "1.5b": ["model=qwen2_1_5b"],
+    "7b-layers": ["model=qwen2_7b", "model.num_layers=4"],
+}
+# name -> overrides; the first is the baseline the others are compared with.
+CONFIGS = {
+    "unfused-mbs1": ["model.transformer_impl=local", "model.attention_backend=unfused",
+                     "train.micro_batch_size=1"],
+    "sdpa-mbs1": ["model.transformer_impl=local", "model.attention_backend=sdpa",
+                  "train.micro_batch_size=1"],
+    "sdpa-mbs2": ["model.transformer_impl=local", "model.attention_backend=sdpa",
+                  "train.micro_batch_size=2"],
+    "sdpa-mbs4": ["model.transformer_impl=local", "model.attention_backend=sdpa",
+                  "train.micro_batch_size=4"],
+    "sdpa-mbs4-selective": ["model.transformer_impl=local", "model.attention_backend=sdpa",
+                            "train.micro_batch_size=4", "parallel.recompute_granularity=selective",
+                            "parallel.recompute_modules=[mlp]"],
+    "sdpa-mbs8-full": ["model.transformer_impl=local", "model.attention_backend=sdpa",
+                       "train.micro_batch_size=8", "parallel.recompute_granularity=full",
+                       "parallel.recompute_method=uniform", "parallel.recompute_num_layers=1"],
+    "flash-mbs2": ["model.transformer_impl=local", "model.attention_backend=flash",
+                   "train.micro_batch_size=2"],
+    "te-mbs2": ["model.transformer_impl=transformer_engine", "train.micro_batch_size=2"],
+}  # fmt: skip
+NEEDS = {"flash-mbs2": "flash_attn", "te-mbs2": "transformer_engine"}
+SEQ = 4096
+TOKENS_PER_STEP = 64 * 1024  # global batch = 16 sequences of 4096
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_corpus(path: Path, sequences: int, vocab: int) -> str:
+    """Random-token indexed dataset (megatron's builder): one document per sequence."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(path / "random_text_document")
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    rng = np.random.default_rng(0)
+    for _ in range(sequences):
+        b.add_document(torch.from_numpy(rng.integers(0, vocab, SEQ + 1)), [SEQ + 1])
+    b.finalize(prefix + ".idx")
+    return prefix
+
+
+def run_config(shape: str, name: str, corpus: str, steps: int, warmup: int, work: Path) -> dict:
+    """One training run; the median of its steady-state metrics (or the failure)."""
+    run = work / f"{shape}-{name}"
+    mbs = int(name.split("mbs")[1].split("-")[0])
+    gbs = TOKENS_PER_STEP // SEQ
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+        f"--master_port={_port()}", str(REPO / "launch/pretrain.py"), "device=cuda",
+        "train.precision=bf16", *SHAPES[shape], *CONFIGS[name], f"data.prefix={corpus}",
+        f"data.seq_length={SEQ}", "data.num_workers=2", "data.split=100/0/0",
+        f"train.steps={steps}", f"train.global_batch_size={max(gbs, mbs)}",
+        "train.save_interval=0", "train.save_final=false", "optim.warmup_steps=1",
+        "optim.spike_action=null", "logging.level=WARNING", f"ckpt_dir={run}",
+    ]  # fmt: skip
+    t0 = time.time()
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=1800)
+    out = {"shape": shape, "config": name, "wall_s": round(time.time() - t0, 1)}
+    metrics = run / "metrics.jsonl"
+    if proc.returncode != 0 or not metrics.is_file():
+        err = proc.stderr
+        out["error"] = "OOM" if "out of memory" in err.lower() else err.strip()[-400:]
+        return out
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steady = [r for r in recs if r["step"] > warmup] or recs
+    for key in ("tokens_per_s", "tflops_per_gpu", "mfu", "mfu_causal", "step_time_s"):
+        vals = [r[key] for r in steady if r.get(key) is not None]
+        out[key] = statistics.median(vals) if vals else None
+    out["mem_gb"] = max(r.get("mem_alloc_gb", 0) for r in recs)
+    out["final_loss"] = recs[-1]["loss"]
+    return out
+
+
+def environment() -> dict:
+    """Device and versions, recorded with the numbers."""
+    import megatron.core
+    import torch
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "megatron_core": megatron.core.__version__,
+        "transformer_engine": importlib.util.find_spec("transformer_engine") is not None,
+        "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    """Side by side, with the ratio to each shape's baseline (the first config)."""
+    base = {}
+    hdr = f"{'shape':<10} {'config':<22} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'MFUc':>6} {'mem GB':>7} {'vs base':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:<10} {r['config']:<22} {'failed: ' + r['error'][:60]}")
+            continue
+        b = base.setdefault(r["shape"], r["tokens_per_s"])
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mfuc = f"{100 * r['mfu_causal']:.1f}%" if r["mfu_causal"] is not None else "-"
+        print(
+            f"{r['shape']:<10} {r['config']:<22} {r['tokens_per_s']:>9,.0f} "
+            f"{r['tflops_per_gpu']:>8.1f} {mfu:>6} {mfuc:>6} {r['mem_gb']:>7.1f} "
+            f"{r['tokens_per_s'] / b:>7.2f}x"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5, help="steps left out of the medians")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--workdir", help="keep runs here (default: a temporary folder)")
+    a = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_pretrain_gpu.py needs a CUDA GPU")
+    env = environment()
+    print(json.dumps(env))
+    configs = [c for c in a.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS] + [
+        s for s in a.shapes.split(",") if s not in SHAPES
+    ]
+    if unknown:
+        sys.exit(f"unknown shape/config {unknown}; shapes {list(SHAPES)}, configs {list(CONFIGS)}")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+        work = Path(tmp)
+        gbs = TOKENS_PER_STEP // SEQ
+        corpus = make_corpus(work, sequences=(a.steps + 1) * max(gbs, 8) + 8, vocab=151000)
+        for shape in a.shapes.split(","):
+            for name in configs:
+                need = NEEDS.get(name)
+                if need and importlib.util.find_spec(need) is None:
+                    rows.append({"shape": shape, "config": name, "error": f"{need} not installed"})
+                    continue
+                r = run_config(shape, name, corpus, a.steps, a.warmup, work)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    print()
+    print_table(rows)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"environment": env, "results": rows}, indent=2))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

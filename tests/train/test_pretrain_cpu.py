@@ -1,0 +1,285 @@
+"""Continued pretraining end to end on CPU (real megatron-core, CPU emulation, gloo).
+
+One uninterrupted reference run (tiny Qwen2 converted from HF, TP=2×PP=2, 30 steps, checkpoints
+every 10) serves several checks: the loss falls, checkpoints and metrics are complete, the `to=hf`
+export gives transformers the same logits, a run SIGKILLed after step 10 and resumed reproduces
+steps 11-30 bit for bit, and resuming its step-20 checkpoint under other layouts (TP=1×DP=2;
+TP=2×PP=2 with virtual stages + sequence parallelism + recompute) continues the same curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from conftest import REPO, parse_result
+
+pytestmark = pytest.mark.dist
+
+STEPS = 30
+COMMON = [
+    "device=cpu",
+    "model=tiny",
+    "data.seq_length=64",
+    "data.num_workers=0",
+    f"train.steps={STEPS}",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.save_interval=10",
+    "optim.lr=3e-3",
+    "optim.min_lr=3e-4",
+    "optim.warmup_steps=3",
+    "logging.level=WARNING",
+]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(nproc: int, args: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1", f"--master_port={_port()}",
+        str(REPO / "launch" / "pretrain.py"), *COMMON, *args,
+    ]  # fmt: skip
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update(extra or {})
+    return env
+
+
+def pretrain(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run launch/pretrain.py under torchrun; fail the test with its output on error."""
+    proc = subprocess.run(
+        _cmd(nproc, list(args)), capture_output=True, text=True, timeout=timeout, env=_env(),
+        cwd=REPO,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        pytest.fail(
+            f"pretrain exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def lines_written(run: Path) -> int:
+    """Complete records in metrics.jsonl so far (safe to call while the run writes it)."""
+    path = run / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def metrics(run: Path) -> dict[int, dict]:
+    """step -> record of the run's metrics.jsonl."""
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    """A converted tiny Qwen2 checkpoint and a small repetitive corpus."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from sfmed.convert import convert_hf_to_mcore
+    from sfmed.utils.tiny import make_tiny_qwen2
+
+    root = tmp_path_factory.mktemp("pretrain")
+    hf = make_tiny_qwen2(root / "hf")
+    convert_hf_to_mcore(hf, root / "mcore", tp=1, pp=1, progress=False)
+    prefix = str(root / "corpus_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    patterns = [rng.integers(3, 999, size=int(rng.integers(5, 12))) for _ in range(8)]
+    for i in range(400):  # documents repeat a short pattern: quickly learnable
+        doc = np.concatenate([np.tile(patterns[i % 8], 6), [999]])
+        builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    return {"root": root, "hf": hf, "mcore": root / "mcore", "data": prefix}
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures):
+    """The uninterrupted TP=2×PP=2 run (30 steps, checkpoints at 10/20/30, keep the last 2)."""
+    run = fixtures["root"] / "ref"
+    pretrain(
+        4, "parallel=tp2pp2", f"data.prefix={fixtures['data']}",
+        f"init_from={fixtures['mcore']}", f"ckpt_dir={run}", "train.keep_last=2",
+    )  # fmt: skip
+    return run
+
+
+def test_trains_tp2pp2_from_a_converted_checkpoint(reference):
+    m = metrics(reference)
+    assert sorted(m) == list(range(1, STEPS + 1))
+    losses = [m[s]["loss"] for s in sorted(m)]
+    first, last = np.mean(losses[:3]), np.mean(losses[-5:])
+    assert last < 0.6 * first, losses  # falls clearly on the repetitive corpus
+    rec = m[STEPS]
+    for key in ("lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "skipped_steps", "mem_rss_gb"):
+        assert rec[key] is not None, key
+    assert rec["consumed_samples"] == STEPS * 8 and rec["skipped_steps"] == 0
+    assert abs(rec["lr"] - 3e-4) < 1e-9  # cosine reached the floor at the last step
+    # Checkpoints: tracker names the last, older ones pruned to keep_last=2, metadata complete.
+    assert (reference / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
+    assert sorted(p.name for p in reference.glob("iter_*")) == ["iter_0000020", "iter_0000030"]
+    assert not list(reference.glob(".iter_*"))
+    meta = json.loads((reference / "iter_0000030" / "sfmed.json").read_text())
+    assert (meta["tp"], meta["pp"], meta["padded_vocab_size"]) == (2, 2, 1024)
+    assert meta["arch"]["vocab_size"] == 1000 and meta["iteration"] == STEPS
+    assert (reference / "iter_0000030" / "metadata.json").is_file()  # torch_dist marker
+    assert (reference / "hf" / "config.json").is_file()  # HF side files travel with the run
+    assert json.loads((reference / "status.json").read_text())["status"] == "complete"
+
+
+def test_export_to_hf_gives_transformers_the_same_logits(reference, fixtures):
+    """`launch/convert.py to=hf` of the trained run; transformers' logits = megatron's."""
+    hf = fixtures["root"] / "export"
+    env = _env()
+    conv = subprocess.run(
+        [sys.executable, str(REPO / "launch/convert.py"), "to=hf", f"src={reference}", f"dst={hf}"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert conv.returncode == 0, conv.stderr[-4000:]
+    ver = subprocess.run(
+        [sys.executable, str(REPO / "launch/verify.py"), f"hf={hf}", f"mcore={reference}",
+         "device=cpu", "dtype=float32"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert ver.returncode == 0, ver.stdout[-2000:] + ver.stderr[-4000:]
+    res = parse_result(ver.stdout)
+    assert res["passed"], res
+    # The export holds the trained weights, not the initial ones.
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(hf).model.embed_tokens.weight
+    b = AutoModelForCausalLM.from_pretrained(fixtures["hf"]).model.embed_tokens.weight
+    assert not torch.equal(a, b)
+
+
+def test_sigkill_after_step_10_then_resume_is_bitwise_equal(reference, fixtures):
+    run = fixtures["root"] / "killed"
+    args = [
+        "parallel=tp2pp2", f"data.prefix={fixtures['data']}", f"init_from={fixtures['mcore']}",
+        f"ckpt_dir={run}", "train.async_save=true",
+    ]  # fmt: skip
+    # Every rank sleeps after step 10 (once its checkpoint is complete) until really killed.
+    proc = subprocess.Popen(
+        _cmd(4, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env=_env({"SFMED_FAULT_SLEEP_AFTER_STEP": "10"}), start_new_session=True,
+    )  # fmt: skip
+    tracker = run / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 600
+    workers = []
+    try:
+        while not (tracker.is_file() and tracker.read_text().strip() == "10"):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.time() < deadline, "no checkpoint at step 10"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        # torchrun starts each worker in its own session: kill them one by one, then torchrun.
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) >= 4
+    finally:
+        for p in [*workers, psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        psutil.wait_procs(workers, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not any(w.is_running() for w in workers)
+    assert sorted(metrics(run)) == list(range(1, 11))
+    pretrain(4, *args)  # resume=auto
+    ref, got = metrics(reference), metrics(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(11, STEPS + 1):
+        for key in ("loss", "grad_norm", "lr", "consumed_samples"):
+            assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
+
+
+@pytest.mark.parametrize(
+    "nproc,layout",
+    [
+        (2, ["parallel.tp=1", "parallel.pp=1"]),  # TP 2->1, PP 2->1, DP 1->2
+        (
+            4,
+            [
+                "parallel=tp2pp2",
+                "parallel.vpp=2",
+                "parallel.sequence_parallel=true",
+                "parallel.recompute_granularity=selective",
+                "model.attention_backend=unfused",
+            ],
+        ),
+    ],  # fmt: skip
+    ids=["tp1pp1dp2", "tp2pp2vpp2-sp-recompute"],
+)
+def test_resume_under_another_layout_continues_the_run(reference, fixtures, nproc, layout):
+    run = fixtures["root"] / f"reshard{nproc}"
+    pretrain(
+        nproc, *layout, f"data.prefix={fixtures['data']}",
+        f"resume={reference / 'iter_0000020'}", f"ckpt_dir={run}",
+    )  # fmt: skip
+    ref, got = metrics(reference), metrics(run)
+    assert sorted(got) == list(range(21, STEPS + 1))
+    for step in got:  # same maths, other reduction order: equal to float rounding
+        assert abs(got[step]["loss"] - ref[step]["loss"]) < 1e-5, (step, got[step], ref[step])
+        assert abs(got[step]["grad_norm"] / ref[step]["grad_norm"] - 1) < 1e-4
+    meta = json.loads((run / "iter_0000030" / "sfmed.json").read_text())
+    assert meta["dp"] == (2 if nproc == 2 else 1)
+
+
+def test_sigterm_saves_and_exits(fixtures):
+    """Slurm preemption: SIGTERM to torchrun → every rank saves at the next step and exits 0.
+
+    The same run also exercises validation and offline wandb logging.
+    """
+    run = fixtures["root"] / "sigterm"
+    args = [
+        "parallel.tp=1", "parallel.pp=2", f"data.prefix={fixtures['data']}", f"ckpt_dir={run}",
+        "train.steps=2000", "train.save_interval=0", "logging.level=INFO",
+        "data.split=90/10/0", "train.eval_interval=2", "train.eval_iters=1",
+        "logging.wandb.mode=offline", "logging.wandb.tags=[ci]",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        _cmd(2, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env=_env(), start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 600
+    try:
+        while lines_written(run) < 4:
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to the workers
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.send_signal(signal.SIGKILL)
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "interrupted", out[-3000:]
+    it = status["iteration"]
+    assert 3 <= it < 2000
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == str(it)
+    assert "received SIGTERM" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("valid_loss") is not None for r in records)  # validation ran
+    run_id = (run / "wandb_run_id.txt").read_text().strip()  # wandb, offline, in the run dir
+    assert list((run / "wandb").glob(f"offline-run-*-{run_id}"))

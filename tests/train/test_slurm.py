@@ -1,0 +1,231 @@
+"""launch/slurm/pretrain.sbatch on a real single-node Slurm (slurmctld + slurmd + munge).
+
+Follows shared/notes/slurm-on-one-machine.md: Debian's slurm-wlm and munge (installed with apt-get
+when missing, which needs root), a throwaway slurm.conf with this host as controller and only
+node. The job trains a tiny CPU-emulated model; the test sends the job's steps SIGUSR1 (what
+``--signal=USR1@300`` does before the time limit), and the run must save, requeue itself, resume
+from its checkpoint and finish. Skips, with the reason, where the daemons cannot start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+
+def _sh(cmd, timeout=60, env=None, check=False):
+    return subprocess.run(
+        cmd, shell=isinstance(cmd, str), capture_output=True, text=True, timeout=timeout,
+        env=env, check=check,
+    )  # fmt: skip
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_installed() -> str | None:
+    """None when slurm + munge are usable, else why not."""
+    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return None
+    if os.geteuid() != 0:
+        return "slurm-wlm/munge are not installed and installing them needs root"
+    if not shutil.which("apt-get"):
+        return "slurm-wlm/munge are not installed and there is no apt-get"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    inst = _sh("apt-get install -y -q slurm-wlm munge", timeout=600, env=env)
+    if inst.returncode != 0:
+        _sh("apt-get update -q", timeout=600, env=env)
+        inst = _sh("apt-get install -y -q slurm-wlm munge", timeout=600, env=env)
+    if inst.returncode != 0:
+        return f"apt-get install slurm-wlm munge failed: {inst.stderr[-500:]}"
+    return None
+
+
+def _start_munge(started: list) -> str | None:
+    for d in ("/run/munge", "/var/log/munge", "/var/lib/munge", "/etc/munge"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, "munge", "munge")
+    key = Path("/etc/munge/munge.key")
+    if not key.is_file():
+        key.write_bytes(os.urandom(1024))
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o400)
+    if _sh("munge -n | unmunge").returncode == 0:
+        return None  # a munged is already serving
+    r = _sh("su -s /bin/sh munge -c munged")
+    if r.returncode != 0:
+        return f"munged does not start: {r.stderr.strip()[-300:]}"
+    pid = Path("/run/munge/munged.pid")
+    if pid.is_file():
+        started.append(int(pid.read_text().split()[0]))
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A running one-node Slurm; yields the environment that points its clients at it."""
+    if sys.platform != "linux":
+        pytest.skip("Slurm daemons need Linux")
+    reason = _ensure_installed()
+    if reason:
+        pytest.skip(reason)
+    started: list[int] = []
+    reason = _start_munge(started)
+    if reason:
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("slurm")
+    for d in ("state", "spool", "log"):
+        (base / d).mkdir()
+    host = socket.gethostname().split(".")[0]
+    mem = int(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 * 0.9)
+    conf = base / "slurm.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "ClusterName=sfmedtest",
+                f"SlurmctldHost={host}",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                f"SlurmctldPort={_port()}",
+                f"SlurmdPort={_port()}",
+                "AuthType=auth/munge",
+                f"StateSaveLocation={base}/state",
+                f"SlurmdSpoolDir={base}/spool",
+                f"SlurmctldPidFile={base}/slurmctld.pid",
+                f"SlurmdPidFile={base}/slurmd.pid",
+                f"SlurmctldLogFile={base}/log/slurmctld.log",
+                f"SlurmdLogFile={base}/log/slurmd.log",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "JobAcctGatherType=jobacct_gather/none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                "ReturnToService=2",
+                "MpiDefault=none",
+                f"NodeName={host} CPUs={os.cpu_count()} RealMemory={mem} State=UNKNOWN",
+                f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+            ]
+        )  # fmt: skip
+        + "\n"
+    )
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons = []
+    try:
+        for daemon in ("slurmctld", "slurmd"):
+            r = _sh([daemon, "-f", str(conf)], env=env)
+            if r.returncode != 0:
+                pytest.skip(f"{daemon} does not start: {r.stderr.strip()[-300:]}")
+            daemons.append(base / f"{daemon}.pid")
+            time.sleep(1)
+        for _ in range(60):
+            out = _sh(["sinfo", "-h", "-o", "%t"], env=env).stdout.strip()
+            if out == "idle":
+                break
+            time.sleep(0.5)
+        else:
+            log = (base / "log" / "slurmctld.log").read_text()[-800:]
+            pytest.skip(f"the Slurm node never became idle (sinfo: {out!r}); slurmctld log: {log}")
+        yield env
+    finally:
+        for pidfile in daemons:
+            if pidfile.is_file():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pidfile.read_text().split()[0]), 15)
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 15)
+
+
+def _corpus(root: Path) -> str:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(root / "corpus_text_document")
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for i in range(100):
+        doc = np.concatenate([np.tile(np.arange(5 + i % 7, 17 + i % 7), 5), [999]])
+        b.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
+    b.finalize(prefix + ".idx")
+    return prefix
+
+
+def _job_state(job: str, env) -> str:
+    return _sh(["squeue", "-h", "-j", job, "-o", "%T"], env=env).stdout.strip()
+
+
+def _wait(pred, timeout, what, log: Path):
+    deadline = time.time() + timeout
+    while not pred():
+        if time.time() > deadline:
+            tail = log.read_text()[-3000:] if log.is_file() else "(no job log)"
+            raise AssertionError(f"timed out waiting for {what}; job log:\n{tail}")
+        time.sleep(0.5)
+
+
+def test_sbatch_trains_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    env = {
+        **slurm, "SFMED_PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }  # fmt: skip
+    overrides = [
+        "device=cpu", "parallel.pp=2", f"data.prefix={_corpus(tmp_path)}", "data.seq_length=32",
+        "data.num_workers=0", "train.steps=30", "train.global_batch_size=4",
+        "train.micro_batch_size=2", "train.save_interval=10", "optim.lr=3e-3",
+        "optim.warmup_steps=2", f"ckpt_dir={run}", "run_name=slurm-smoke",
+    ]  # fmt: skip
+    sub = _sh(
+        [str(REPO / "launch/slurm/submit.sh"), "--nodes", "1", "--gpus-per-node", "0",
+         "--nproc-per-node", "2", "--time", "10", "--logs", str(logs), "--", *overrides],
+        env=env,
+    )  # fmt: skip
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    log = logs / f"sfmed-slurm-smoke-{job}.out"
+    metrics = run / "metrics.jsonl"
+
+    def steps_done() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+    try:
+        _wait(lambda: steps_done() >= 3, 240, "the job to train 3 steps", log)
+        # What Slurm's --signal=USR1@300 does before the time limit: USR1 to the job's steps.
+        assert _sh(["scancel", "--signal=USR1", job], env=slurm).returncode == 0
+        _wait(lambda: "requeueing job" in (log.read_text() if log.is_file() else ""), 240,
+              "the job to save and requeue itself", log)  # fmt: skip
+        status = json.loads((run / "status.json").read_text())
+        assert status["status"] == "interrupted" and status["iteration"] < 30
+        saved = int((run / "latest_checkpointed_iteration.txt").read_text())
+        assert saved == status["iteration"]
+        # A requeued job waits ~2 minutes (BeginTime); release it now.
+        _wait(lambda: _job_state(job, slurm) == "PENDING", 60, "the requeued job", log)
+        _sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm)
+        _wait(lambda: _job_state(job, slurm) == "", 300, "the resumed job to finish", log)
+    finally:
+        if _job_state(job, slurm):
+            _sh(["scancel", job], env=slurm)
+    text = log.read_text()
+    assert f"job {job} (restart 0) on 1 node(s) x 2 process(es)" in text  # SLURM_NNODES etc.
+    assert "received SIGUSR1" in text and f"job {job} (restart 1)" in text
+    assert f"resumed from {run}/iter_{saved:07d}" in text
+    assert json.loads((run / "status.json").read_text())["status"] == "complete"
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 31))
