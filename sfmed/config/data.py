@@ -269,8 +269,9 @@ class PreprocessConfig(ReaderOptions):
     """Worker processes; 0 = auto (in-process with the Rust tokenizer's threads for small inputs
     or <= 4 cores, else one process per core); 1 = in-process."""
 
-    chunk_mb: float = 8.0
-    """Size of the pieces large line-based files are cut into for parallel work."""
+    chunk_mb: float = 32.0
+    """Largest piece (MiB) line-based files are cut into for parallel work (smaller pieces are
+    used for small inputs so that every worker gets several)."""
 
     force: bool = False
     """Redo every source even when its outputs are complete and up to date."""

@@ -229,10 +229,10 @@ class Gate:
         self._sem.release(1 << 20)
 
 
-def tasks(sources: list[Source], cfg: PreprocessConfig, gate: Gate) -> Iterator[Task]:
+def tasks(sources: list[Source], cfg: PreprocessConfig, gate: Gate, workers: int) -> Iterator[Task]:
     """All tasks of the sources to (re)do, in order; the last task of each source is marked.
     ``gate`` bounds how far task production runs ahead of result consumption."""
-    size = chunk_bytes(cfg, sources)
+    size = chunk_bytes(cfg, sources, workers)
     for i, s in enumerate(sources):
         if s.reuse is not None:
             continue
@@ -255,11 +255,12 @@ def tasks(sources: list[Source], cfg: PreprocessConfig, gate: Gate) -> Iterator[
         yield prev
 
 
-def chunk_bytes(cfg: PreprocessConfig, sources: list[Source]) -> int:
-    """At most ``chunk_mb``, and for small inputs smaller (down to 1 MiB) so that every worker
-    gets several chunks and reading/parsing overlaps tokenization."""
+def chunk_bytes(cfg: PreprocessConfig, sources: list[Source], workers: int) -> int:
+    """At most ``chunk_mb``; for small inputs about four chunks per worker (down to 1 MiB), so
+    that parsing the next chunk overlaps tokenizing this one. Fewer, larger chunks are better
+    otherwise: each encode call ends with a tail where not every core has work."""
     total = sum(f.stat().st_size for s in sources if s.reuse is None for f in s.files)
-    auto = max(1 << 20, total // (4 * max(cfg.workers, 2)))
+    auto = max(1 << 20, total // (4 * max(workers, 1)))
     return max(1, int(min(cfg.chunk_mb * (1 << 20), auto)))
 
 

@@ -252,7 +252,7 @@ def _run(cfg, sources: list[Source], tok, dtype, workers: int) -> dict[str, dict
     else:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         pool = mp.get_context(method).Pool(workers, initializer=init_process, initargs=(ctx,))
-    results = pool.imap(run_task, tasks(sources, cfg, gate))
+    results = pool.imap(run_task, tasks(sources, cfg, gate, workers))
     # The canonical tokenizer hash (for blends) parses the whole tokenizer.json unless cached:
     # compute it while the first chunks are encoded (after the fork of any worker processes).
     tok.info.hash = tok.info.hash or cached_tokenizer_hash(tok.info.file_digest)

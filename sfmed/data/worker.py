@@ -155,7 +155,7 @@ def init_process(ctx: WorkerContext) -> None:
 _UTF8 = ("utf-8", "utf8", "utf_8")
 
 
-def _chunk_bytes(task: Task, opts, res: TaskResult) -> bytes:
+def _chunk_bytes(task: Task, opts) -> bytes:
     data = read_chunk(task.chunk)
     if (
         task.chunk.index == 0
@@ -163,7 +163,6 @@ def _chunk_bytes(task: Task, opts, res: TaskResult) -> bytes:
         and opts.encoding.lower() in _UTF8
     ):
         data = data[3:]
-    res.n_lines = data.count(b"\n")
     return data
 
 
@@ -269,7 +268,9 @@ def _run_task(task: Task) -> TaskResult:
         # The common case kept free of per-record generator/function overhead: a JSON object
         # with a non-empty string under the text field. Anything else takes the general path.
         key, loads, decode_error = opts.text_field, orjson.loads, orjson.JSONDecodeError
-        for i, line in enumerate(_chunk_bytes(task, opts, res).split(b"\n"), 1):
+        lines = _chunk_bytes(task, opts).split(b"\n")
+        res.n_lines = len(lines) - 1
+        for i, line in enumerate(lines, 1):
             try:
                 obj = loads(line)
             except decode_error:  # blank, malformed or undecodable line
@@ -290,7 +291,8 @@ def _run_task(task: Task) -> TaskResult:
                 else:
                     counts[reason] += 1
     else:
-        data = None if task.fmt == "parquet" else _chunk_bytes(task, opts, res)
+        data = None if task.fmt == "parquet" else _chunk_bytes(task, opts)
+        res.n_lines = data.count(b"\n") if data is not None else 0
         for loc, rec, bad in _records(task, opts, data):
             read += 1
             handle(loc, rec, bad)
