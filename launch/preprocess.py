@@ -4,7 +4,7 @@ Examples::
 
     python launch/preprocess.py input='data/raw/huatuo26M/*.json' reader=json render=template \
         'template=["问：{instruction}","答：{output}"]' tokenizer=tok/qwen2 output_dir=data/indexed
-    python launch/preprocess.py 'data/sources=[huatuo26m_lite,cmtmedqa,wiki2019zh]' \
+    python launch/preprocess.py 'sources=[huatuo26m_lite,cmtmedqa,wiki2019zh]' \
         data_root=data/raw tokenizer=tok/qwen2 output_dir=data/indexed workers=16
 """
 
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
         )
         sys.exit(130)
     except Exception as e:
-        from sfmed.models.qwen2 import ConfigError  # imports torch: only on this error path
+        from sfmed.core.errors import ConfigError
 
         if not isinstance(e, (ConfigError, *USER_ERRORS)):
             raise

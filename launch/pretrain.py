@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from sfmed.config.pretrain import register
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 
 register()
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sfmed.models.qwen2 import VOCAB_PAD_TP, ConfigError
+from sfmed.core.errors import ConfigError
+from sfmed.models.qwen2 import VOCAB_PAD_TP
 
 DIRECTIONS = ("mcore", "hf")
 DTYPES = ("auto", "bfloat16", "float16", "float32")

@@ -1,7 +1,7 @@
 """Schema of ``launch/preprocess.py``: sources (files, reader, rendering) -> indexed datasets.
 
 YAML under ``conf/`` only sets values (``conf/preprocess.yaml``, one file per corpus under
-``conf/data/sources/``). :func:`register` stores the schema in Hydra's ConfigStore; library code
+``conf/sources/``). :func:`register` stores the schema in Hydra's ConfigStore; library code
 and tests use these dataclasses without Hydra. Validation runs in ``__post_init__`` (Hydra's
 ``OmegaConf.to_object`` calls it), so bad values fail before any work starts.
 """
@@ -12,14 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def ConfigError(msg: str) -> Exception:
-    """``sfmed.models.qwen2.ConfigError(msg)``, imported only when raised: that module imports
-    torch, which preprocessing never needs (it would add seconds to every start)."""
-    from sfmed.models.qwen2 import ConfigError as _ConfigError
-
-    return _ConfigError(msg)
-
+from sfmed.core.errors import ConfigError
 
 READERS = ("auto", "text", "jsonl", "json", "csv", "tsv", "parquet")
 RENDERS = ("field", "template", "history", "dialogue", "mcq")
@@ -143,7 +136,7 @@ def _plain(v: Any) -> Any:
 
 @dataclass
 class SourceConfig(ReaderOptions):
-    """One corpus: its files and how to read them (one YAML under ``conf/data/sources/``)."""
+    """One corpus: its files and how to read them (one YAML under ``conf/sources/``)."""
 
     files: list[str] = field(default_factory=list)
     """Paths or globs (``**`` allowed); relative ones are taken from ``data_root``."""
@@ -222,7 +215,7 @@ class NearDedupConfig:
 class PreprocessConfig(ReaderOptions):
     """Corpora -> ``<output_dir>/<source>_text_document.bin/.idx`` + ``report.md/json``.
 
-    Either ``sources`` (named corpora, e.g. from ``conf/data/sources/``) or an ad-hoc single
+    Either ``sources`` (named corpora, e.g. from ``conf/sources/``) or an ad-hoc single
     source: ``input=<file or glob>`` with the reader options at the top level.
     """
 
@@ -326,7 +319,7 @@ class PreprocessConfig(ReaderOptions):
             if not any(s.enabled for s in self.sources.values()):
                 raise ConfigError(
                     "nothing to do: give input=<file or glob> (with reader=...), or sources, "
-                    "e.g. 'data/sources=[huatuo26m_test]'"
+                    "e.g. 'sources=[huatuo26m_test]'"
                 )
             for n, s in self.sources.items():
                 s.validate(n)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 
 WANDB_MODES = ("online", "offline", "disabled")
 

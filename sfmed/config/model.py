@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sfmed.models.qwen2 import ConfigError, Qwen2Arch, arch_from_hf_config
+from sfmed.core.errors import ConfigError
+from sfmed.models.qwen2 import Qwen2Arch, arch_from_hf_config
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "unfused")

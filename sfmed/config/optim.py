@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 
 DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
 GUARD_ACTIONS = ("skip", "stop")

@@ -14,7 +14,7 @@ from sfmed.config.optim import OptimConfig
 from sfmed.config.parallel import ParallelConfig
 from sfmed.config.pretrain_data import PretrainDataConfig
 from sfmed.config.train import TrainConfig
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 
 DEVICES = ("auto", "cuda", "cpu")
 

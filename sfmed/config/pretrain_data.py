@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 
 
 @dataclass

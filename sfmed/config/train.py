@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")

@@ -12,7 +12,7 @@ from sfmed.convert.hf_to_mcore import convert_hf_to_mcore
 from sfmed.convert.mcore_to_hf import convert_mcore_to_hf
 from sfmed.convert.report import ConversionSummary
 from sfmed.convert.verify import VerifyResult, verify_conversion
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 from sfmed.utils.atomic import OutputExistsError
 from sfmed.utils.megatron_layout import CheckpointNotFoundError
 

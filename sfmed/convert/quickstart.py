@@ -21,7 +21,7 @@ from sfmed.config.convert import QuickstartConfig
 from sfmed.convert.hf_to_mcore import convert_hf_to_mcore
 from sfmed.convert.mcore_to_hf import convert_mcore_to_hf
 from sfmed.convert.verify import verify_conversion
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from sfmed.core.errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 _REQUIRED_FIELDS = (
     "hidden_size",
@@ -23,10 +25,6 @@ _REQUIRED_FIELDS = (
     "num_attention_heads",
     "vocab_size",
 )
-
-
-class ConfigError(ValueError):
-    """A model or parallel configuration the user supplied cannot be used."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from sfmed.config.pretrain import PretrainConfig
-from sfmed.models.qwen2 import ConfigError, Qwen2Arch, arch_to_dict, checkpoint_vocab_size
+from sfmed.core.errors import ConfigError
+from sfmed.models.qwen2 import Qwen2Arch, arch_to_dict, checkpoint_vocab_size
 from sfmed.models.qwen2 import validate_parallel as validate_model_split
 from sfmed.models.specs import flash_attn_available, te_available
 from sfmed.utils import megatron_layout as layout

@@ -21,7 +21,7 @@ from sfmed.convert import (
 from sfmed.convert.hf_io import SafetensorsWriter
 from sfmed.convert.load import check_model_matches
 from sfmed.convert.torch_dist import TorchDistWriter
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 from sfmed.utils.atomic import OutputExistsError
 from sfmed.utils.megatron_layout import CheckpointNotFoundError
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, parse_result
-from sfmed.models.qwen2 import ConfigError
+from sfmed.core.errors import ConfigError
 
 
 def _launch(script: str, *overrides, timeout: int = 600) -> subprocess.CompletedProcess:

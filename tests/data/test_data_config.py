@@ -6,11 +6,11 @@ import pytest
 
 from conftest import REPO
 from sfmed.config.data import PreprocessConfig, SourceConfig
+from sfmed.core.errors import ConfigError
 from sfmed.data.clean import make_cleaner, normalize_whitespace, strip_html
 from sfmed.data.render import make_renderer
-from sfmed.models.qwen2 import ConfigError
 
-SOURCES = sorted(p.stem for p in (REPO / "conf/data/sources").glob("*.yaml"))
+SOURCES = sorted(p.stem for p in (REPO / "conf/sources").glob("*.yaml"))
 SEED = {
     "cmtmedqa",
     "chatmed_consult",
@@ -48,7 +48,7 @@ def _compose(overrides):
 
 def test_every_source_yaml_validates_and_renders_its_example():
     assert set(SOURCES) >= SEED, SEED - set(SOURCES)
-    cfg = _compose([f"data/sources=[{','.join(SOURCES)}]", "tokenizer=t", "output_dir=o"])
+    cfg = _compose([f"sources=[{','.join(SOURCES)}]", "tokenizer=t", "output_dir=o"])
     assert isinstance(cfg, PreprocessConfig) and list(cfg.sources) == SOURCES
     for name, src in cfg.sources.items():
         assert isinstance(src, SourceConfig) and src.files and src.description, name
@@ -59,7 +59,7 @@ def test_every_source_yaml_validates_and_renders_its_example():
 
 
 def test_blend_yamls_compose_into_the_pretrain_data_schema():
-    blends = sorted(p.stem for p in (REPO / "conf/data/blend").glob("*.yaml"))
+    blends = sorted(p.stem for p in (REPO / "conf/blend").glob("*.yaml"))
     assert blends
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -68,7 +68,7 @@ def test_blend_yamls_compose_into_the_pretrain_data_schema():
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         for b in blends:
-            cfg = compose(f"data/blend/{b}")
+            cfg = compose(f"blend/{b}")
             data = OmegaConf.merge(OmegaConf.structured(PretrainDataConfig), cfg["data"])
             entries = OmegaConf.to_container(data.blend)
             assert entries and all("prefix" in e for e in entries), b

@@ -24,7 +24,7 @@ def _sources(shared_dir):
         cfg = compose(
             "preprocess",
             overrides=[
-                "data/sources=[huatuo26m_test,medicalgpt_sft]",
+                "sources=[huatuo26m_test,medicalgpt_sft]",
                 "tokenizer=t",
                 "output_dir=o",
             ],

@@ -18,7 +18,8 @@ import torch
 
 from conftest import REPO
 from sfmed.config.pretrain import PretrainConfig, register
-from sfmed.models.qwen2 import ConfigError, arch_to_dict
+from sfmed.core.errors import ConfigError
+from sfmed.models.qwen2 import arch_to_dict
 from sfmed.utils import megatron_layout as layout
 
 CONF = REPO / "conf"
