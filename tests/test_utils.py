@@ -2,8 +2,8 @@
 
 import pytest
 
-from sfmed.utils import megatron_layout as ml
-from sfmed.utils.atomic import OutputExistsError, atomic_dir, atomic_write_text
+from sfmed.core import megatron_layout as ml
+from sfmed.core.atomic import OutputExistsError, atomic_dir, atomic_write_text
 
 
 def test_atomic_dir_renames_on_success_and_cleans_on_error(tmp_path):

@@ -18,9 +18,9 @@ from sfmed.convert.errors import (
     HFCheckpointError,
 )
 from sfmed.convert.hf_to_mcore import convert_hf_to_mcore
-from sfmed.convert.load import load_mcore_weights
 from sfmed.convert.mcore_to_hf import checkpoint_arch, convert_mcore_to_hf
 from sfmed.convert.report import ConversionSummary
+from sfmed.core.ckpt_load import load_mcore_weights
 
 __all__ = [
     "CheckpointFormatError",

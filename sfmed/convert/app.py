@@ -12,9 +12,9 @@ from sfmed.convert.hf_to_mcore import convert_hf_to_mcore
 from sfmed.convert.mcore_to_hf import convert_mcore_to_hf
 from sfmed.convert.report import ConversionSummary
 from sfmed.convert.verify import VerifyResult, verify_conversion
+from sfmed.core.atomic import OutputExistsError
 from sfmed.core.errors import ConfigError
-from sfmed.utils.atomic import OutputExistsError
-from sfmed.utils.megatron_layout import CheckpointNotFoundError
+from sfmed.core.megatron_layout import CheckpointNotFoundError
 
 USER_ERRORS = (ConfigError, ConversionError, OutputExistsError, CheckpointNotFoundError)
 """Errors caused by the input or the configuration: reported as one line, exit code 2."""

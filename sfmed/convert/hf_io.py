@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sfmed.convert.background import BackgroundWriter
 from sfmed.convert.errors import HFCheckpointError
+from sfmed.core.background import BackgroundWriter
 
 log = logging.getLogger(__name__)
 

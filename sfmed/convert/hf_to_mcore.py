@@ -1,6 +1,6 @@
 """HF Qwen2 folder -> Megatron-LM checkpoint folder (torch_dist), streaming one tensor at a time.
 
-Output layout (see :mod:`sfmed.utils.megatron_layout`)::
+Output layout (see :mod:`sfmed.core.megatron_layout`)::
 
     <dst>/latest_checkpointed_iteration.txt   "release"
     <dst>/release/                            torch_dist: metadata.json, common.pt, .metadata,
@@ -28,7 +28,9 @@ from sfmed.convert import tensors as T
 from sfmed.convert.errors import HFCheckpointError
 from sfmed.convert.hf_io import HFWeights, copy_sidecar, dtype_name
 from sfmed.convert.report import ConversionSummary, progress_bar
-from sfmed.convert.torch_dist import TorchDistWriter
+from sfmed.core import megatron_layout as layout
+from sfmed.core.atomic import atomic_dir, check_destination
+from sfmed.core.torch_dist import TorchDistWriter
 from sfmed.models.qwen2 import (
     VOCAB_PAD_TP,
     Qwen2Arch,
@@ -37,8 +39,6 @@ from sfmed.models.qwen2 import (
     checkpoint_vocab_size,
     validate_parallel,
 )
-from sfmed.utils import megatron_layout as layout
-from sfmed.utils.atomic import atomic_dir, check_destination
 
 log = logging.getLogger(__name__)
 

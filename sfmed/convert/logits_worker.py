@@ -16,7 +16,7 @@ import torch
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, initialise the process groups, compute and save the logits."""
     from sfmed.convert.verify import DTYPES, mcore_logits
-    from sfmed.train.distributed import destroy_distributed, init_distributed
+    from sfmed.core.distributed import destroy_distributed, init_distributed
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ckpt", required=True)

@@ -20,7 +20,6 @@ import torch
 
 from sfmed.convert import keymap as km
 from sfmed.convert import tensors as T
-from sfmed.convert.background import prefetched
 from sfmed.convert.errors import CheckpointFormatError, CheckpointMismatchError
 from sfmed.convert.hf_io import (
     SafetensorsWriter,
@@ -30,7 +29,10 @@ from sfmed.convert.hf_io import (
     sidecar_files,
 )
 from sfmed.convert.report import ConversionSummary, progress_bar
-from sfmed.convert.torch_dist import TorchDistReader
+from sfmed.core import megatron_layout as layout
+from sfmed.core.atomic import atomic_dir, check_destination
+from sfmed.core.background import prefetched
+from sfmed.core.torch_dist import TorchDistReader
 from sfmed.models.qwen2 import (
     ConfigError,
     Qwen2Arch,
@@ -38,8 +40,6 @@ from sfmed.models.qwen2 import (
     arch_from_hf_config,
     hf_config_dict,
 )
-from sfmed.utils import megatron_layout as layout
-from sfmed.utils.atomic import atomic_dir, check_destination
 
 log = logging.getLogger(__name__)
 

@@ -114,8 +114,8 @@ def build_and_load(ckpt: str | Path, dtype: torch.dtype, device: str):
     checkpoint's metadata and load its weights. Returns (model, arch)."""
     from megatron.core import parallel_state as ps
 
-    from sfmed.convert.load import load_mcore_weights
     from sfmed.convert.mcore_to_hf import checkpoint_arch
+    from sfmed.core.ckpt_load import load_mcore_weights
     from sfmed.models.qwen2 import build_model, transformer_config
 
     arch, padded = checkpoint_arch(ckpt)
@@ -177,7 +177,7 @@ def mcore_logits(ckpt: str | Path, tokens: torch.Tensor, dtype: torch.dtype, dev
 
 def resolve_compute(device: str, dtype: str) -> tuple[str, torch.dtype]:
     """('cpu'|'cuda', torch dtype) for the config values device=auto|cpu|cuda, dtype=auto|..."""
-    from sfmed.train.distributed import resolve_device
+    from sfmed.core.distributed import resolve_device
 
     dev = resolve_device(device)
     if dtype == "auto":

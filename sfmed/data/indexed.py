@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfmed.utils.atomic import default_file_mode
+from sfmed.core.atomic import default_file_mode
 
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 # megatron.core.datasets.indexed_dataset.DType codes

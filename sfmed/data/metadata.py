@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from sfmed.utils.atomic import atomic_write_text
+from sfmed.core.atomic import atomic_write_text
 
 FORMAT = "sfmed-indexed-dataset/1"
 # Keys of tokenizer.json that decide the ids of ``encode(text, add_special_tokens=False)``;

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from sfmed.config.data import PreprocessConfig
+from sfmed.core.atomic import atomic_file
 from sfmed.data.dedup import ExactDedup, NearDedup
 from sfmed.data.indexed import BulkIndexedWriter, optimal_dtype, remove_outputs
 from sfmed.data.io import InputError
@@ -53,7 +54,6 @@ from sfmed.data.worker import (
     run_task,
     set_context,
 )
-from sfmed.utils.atomic import atomic_file
 
 __all__ = ["USER_ERRORS", "output_prefix", "preprocess", "resolve_sources"]
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sfmed.core.atomic import atomic_write_text
 from sfmed.data.worker import DROP_REASONS
-from sfmed.utils.atomic import atomic_write_text
 
 _COUNT_KEYS = ("files", "records_read", "records_kept", "documents", "tokens", "invalid_bytes")
 

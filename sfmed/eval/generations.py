@@ -10,8 +10,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from sfmed.core.atomic import atomic_file
 from sfmed.eval.items import DataError, Problems
-from sfmed.utils.atomic import atomic_file
 
 
 def read_generations(path: str | Path, ids: Sequence[str], problems: Problems) -> dict[str, str]:

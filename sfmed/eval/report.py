@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sfmed.utils.atomic import atomic_file, atomic_write_text
+from sfmed.core.atomic import atomic_file, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 
 from sfmed.config.eval import EvalConfig, EvalConfigError
+from sfmed.core.atomic import OutputExistsError, check_destination
 from sfmed.eval.backends import BackendError
 from sfmed.eval.items import DataError, Problems
 from sfmed.eval.report import write_outputs
 from sfmed.eval.tasks import TASK_FNS
 from sfmed.eval.tasks.common import RunContext
-from sfmed.utils.atomic import OutputExistsError, check_destination
 
 logger = logging.getLogger(__name__)
 

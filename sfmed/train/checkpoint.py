@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sfmed.core import megatron_layout as layout
 from sfmed.train.mcore_compat import prime_optimizer_state, unshare_adam_steps
-from sfmed.utils import megatron_layout as layout
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from sfmed.core.atomic import atomic_file
 from sfmed.models.qwen2 import Qwen2Arch
-from sfmed.utils.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 

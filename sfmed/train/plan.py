@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from sfmed.config.pretrain import PretrainConfig
+from sfmed.core import megatron_layout as layout
 from sfmed.core.errors import ConfigError
 from sfmed.models.qwen2 import Qwen2Arch, arch_to_dict, checkpoint_vocab_size
 from sfmed.models.qwen2 import validate_parallel as validate_model_split
 from sfmed.models.specs import flash_attn_available, te_available
-from sfmed.utils import megatron_layout as layout
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _world_size(world_size: int | None) -> int:
 
 
 def _resolve_device(device: str) -> str:
-    from sfmed.train.distributed import resolve_device
+    from sfmed.core.distributed import resolve_device
 
     try:
         return resolve_device(device)

@@ -18,13 +18,13 @@ import torch.distributed as dist
 
 import sfmed
 from sfmed.config.pretrain import PretrainConfig
+from sfmed.core import megatron_layout as layout
+from sfmed.core.atomic import atomic_write_text
+from sfmed.core.distributed import destroy_distributed, init_distributed
 from sfmed.models.qwen2 import arch_to_dict
 from sfmed.train import builder, checkpoint, data, loop, metrics
-from sfmed.train.distributed import destroy_distributed, init_distributed
 from sfmed.train.guard import LossGuard
 from sfmed.train.plan import TrainPlan, make_plan
-from sfmed.utils import megatron_layout as layout
-from sfmed.utils.atomic import atomic_write_text
 
 log = logging.getLogger("sfmed.train")
 

@@ -19,11 +19,11 @@ from sfmed.convert import (
     convert_mcore_to_hf,
 )
 from sfmed.convert.hf_io import SafetensorsWriter
-from sfmed.convert.load import check_model_matches
-from sfmed.convert.torch_dist import TorchDistWriter
+from sfmed.core.atomic import OutputExistsError
+from sfmed.core.ckpt_load import check_model_matches
 from sfmed.core.errors import ConfigError
-from sfmed.utils.atomic import OutputExistsError
-from sfmed.utils.megatron_layout import CheckpointNotFoundError
+from sfmed.core.megatron_layout import CheckpointNotFoundError
+from sfmed.core.torch_dist import TorchDistWriter
 
 
 @pytest.fixture

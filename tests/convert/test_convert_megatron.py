@@ -17,8 +17,8 @@ import torch
 
 from conftest import REPO, parse_result
 from sfmed.convert import convert_hf_to_mcore, convert_mcore_to_hf
-from sfmed.convert.torch_dist import TorchDistReader
 from sfmed.convert.verify import compare_logits, hf_logits, make_tokens
+from sfmed.core.torch_dist import TorchDistReader
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.dist

@@ -14,9 +14,9 @@ from sfmed.convert import checkpoint_arch, convert_hf_to_mcore, convert_mcore_to
 from sfmed.convert import keymap as km
 from sfmed.convert import tensors as T
 from sfmed.convert.quickstart import compare_hf_folders
-from sfmed.convert.torch_dist import TorchDistReader
+from sfmed.core import megatron_layout as layout
+from sfmed.core.torch_dist import TorchDistReader
 from sfmed.models.qwen2 import checkpoint_vocab_size, padded_vocab_size
-from sfmed.utils import megatron_layout as layout
 
 VARIANTS = {
     "untied_gqa": dict(tie_word_embeddings=False, num_kv_heads=4),  # 4 KV heads: TP=4 fits

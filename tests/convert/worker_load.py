@@ -26,7 +26,7 @@ import torch
 def main():
     with open(sys.argv[1]) as f:
         spec = json.load(f)
-    from sfmed.train.distributed import destroy_distributed, init_distributed
+    from sfmed.core.distributed import destroy_distributed, init_distributed
 
     info = init_distributed(tp=2, pp=2, device="cpu")
     from megatron.core import dist_checkpointing
@@ -35,8 +35,8 @@ def main():
 
     from sfmed.convert import checkpoint_arch, load_mcore_weights
     from sfmed.convert.verify import build_and_load, forward_logits
+    from sfmed.core.megatron_layout import write_tracker
     from sfmed.models.qwen2 import build_model, transformer_config
-    from sfmed.utils.megatron_layout import write_tracker
 
     tokens = torch.load(spec["tokens"], weights_only=True)
     for job in spec["logits"]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import parse_result
-from sfmed.utils import cpu_emulation
+from sfmed.core import cpu_emulation
 
 HERE = Path(__file__).parent
 

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 
 from sfmed.models.qwen2 import Qwen2Arch, build_model, transformer_config
-from sfmed.train.distributed import destroy_distributed, init_distributed
+from sfmed.core.distributed import destroy_distributed, init_distributed
 
 
 def main():

@@ -18,9 +18,9 @@ import torch
 
 from conftest import REPO
 from sfmed.config.pretrain import PretrainConfig, register
+from sfmed.core import megatron_layout as layout
 from sfmed.core.errors import ConfigError
 from sfmed.models.qwen2 import arch_to_dict
-from sfmed.utils import megatron_layout as layout
 
 CONF = REPO / "conf"
 

@@ -5,9 +5,9 @@ import json
 
 import torch
 
+from sfmed.core.distributed import destroy_distributed, init_distributed
 from sfmed.models.qwen2 import Qwen2Arch, build_model, transformer_config
 from sfmed.models.specs import decoder_block_spec
-from sfmed.train.distributed import destroy_distributed, init_distributed
 
 ARCH = Qwen2Arch(
     num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8, num_query_groups=2,

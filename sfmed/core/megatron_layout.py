@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sfmed.utils.atomic import atomic_write_text
+from sfmed.core.atomic import atomic_write_text
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"

@@ -40,9 +40,9 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from sfmed.convert.background import BackgroundWriter
 from sfmed.convert.errors import CheckpointFormatError
 from sfmed.convert.tensors import owned_copy
+from sfmed.core.background import BackgroundWriter
 
 try:  # the DCP format version torch writes into .metadata
     from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION

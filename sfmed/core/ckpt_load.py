@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 
 from sfmed.convert.errors import CheckpointMismatchError
-from sfmed.convert.torch_dist import TorchDistReader
-from sfmed.utils import megatron_layout as layout
+from sfmed.core import megatron_layout as layout
+from sfmed.core.torch_dist import TorchDistReader
 
 log = logging.getLogger(__name__)
 

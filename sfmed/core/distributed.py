@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sfmed.utils import cpu_emulation
+from sfmed.core import cpu_emulation
 
 log = logging.getLogger(__name__)
 
