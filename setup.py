@@ -57,6 +57,8 @@ setup(
             "ruff==0.17.5",  # pinned: lint/format output must not drift under CI
             # a second ROUGE implementation the metric tests cross-check against
             "rouge-chinese>=1.0.3",
+            # the DPO losses are checked against TRL's own DPOTrainer loss code
+            "trl>=1.16,<2",
         ],
         # Optional accelerators: detected at run time, never required.
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
