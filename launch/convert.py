@@ -1,4 +1,4 @@
-"""HF Qwen2 <-> Megatron checkpoint conversion (exact, streaming): ``python launch/convert.py``.
+"""HF <-> Megatron checkpoint conversion (exact, streaming): ``python launch/convert.py``.
 
 Examples::
 
@@ -7,13 +7,8 @@ Examples::
     python launch/convert.py to=hf src=runs/sft-7b dst=export/sft-7b-hf
 """
 
-import sys
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from sfmed.config.convert import register
 
@@ -22,15 +17,17 @@ register()
 
 @hydra.main(config_path="../conf", config_name="convert", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from sfmed.convert.app import USER_ERRORS, run_convert, setup_logging
+    from sfmed.core.cli import run_cli
+    from sfmed.core.logging import setup_logging
 
     setup_logging()
-    try:
-        summary = run_convert(OmegaConf.to_object(cfg))  # typed ConvertConfig, validated
-    except USER_ERRORS as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(summary.line())
+
+    def convert():
+        from sfmed.convert.app import run_convert
+
+        return run_convert(OmegaConf.to_object(cfg))  # typed ConvertConfig, validated
+
+    print(run_cli("convert", convert).line())
 
 
 if __name__ == "__main__":

@@ -8,34 +8,23 @@ Examples::
         init_from=ckpt/qwen2-7b-mcore data=pretrain_medical run_name=cpt-7b
 """
 
-import os
-import sys
-from pathlib import Path
-
 import hydra
-from omegaconf import DictConfig, OmegaConf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from omegaconf import DictConfig
 
 from sfmed.config.pretrain import register
-from sfmed.core.errors import ConfigError
 
 register()
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from sfmed.train.pretrain import run
+    from sfmed.core.logging import quiet_third_party
 
-    try:
-        conf = OmegaConf.to_object(cfg)  # the typed PretrainConfig; __post_init__ validates
-        status = run(conf)
-    except ConfigError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"pretrain: configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"pretrain: {status}")
+    quiet_third_party()  # before megatron-core is imported
+    from sfmed.recipes.pretrain import PretrainRecipe
+    from sfmed.train.trainer import launch
+
+    launch("pretrain", cfg, PretrainRecipe)
 
 
 if __name__ == "__main__":

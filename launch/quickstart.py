@@ -7,12 +7,9 @@ summary; exit code 0 when every check passes, 1 otherwise, 2 on a configuration 
 """
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from sfmed.config.convert import register
 
@@ -21,15 +18,17 @@ register()
 
 @hydra.main(config_path="../conf", config_name="quickstart", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from sfmed.convert.app import USER_ERRORS, setup_logging
-    from sfmed.convert.quickstart import run_quickstart
+    from sfmed.core.cli import run_cli
+    from sfmed.core.logging import setup_logging
 
     setup_logging()
-    try:
-        report = run_quickstart(OmegaConf.to_object(cfg))  # typed QuickstartConfig, validated
-    except USER_ERRORS as e:
-        print(f"quickstart: error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    def quickstart():
+        from sfmed.convert.quickstart import run_quickstart
+
+        return run_quickstart(OmegaConf.to_object(cfg))  # typed QuickstartConfig, validated
+
+    report = run_cli("quickstart", quickstart)
     print("\n".join(["sfmed quickstart:", *report.lines, "PASSED" if report.passed else "FAILED"]))
     sys.exit(0 if report.passed else 1)
 

@@ -1,7 +1,8 @@
 """Check a conversion by its logits: ``python launch/verify.py hf=<HF dir> mcore=<checkpoint>``.
 
 Prints max |dlogit|, KL and top-1 agreement of megatron-core (at parallel.tp x parallel.pp,
-torchrun workers) against transformers; exit code 0 within tolerance, 1 past it, 2 on bad input.
+torchrun workers, training's layer spec) against transformers; exit code 0 within tolerance,
+1 past it, 2 on bad input.
 
 Examples::
 
@@ -11,12 +12,9 @@ Examples::
 """
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from sfmed.config.convert import register
 
@@ -25,14 +23,17 @@ register()
 
 @hydra.main(config_path="../conf", config_name="verify", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from sfmed.convert.app import USER_ERRORS, run_verify, setup_logging
+    from sfmed.core.cli import run_cli
+    from sfmed.core.logging import setup_logging
 
     setup_logging()
-    try:
-        result = run_verify(OmegaConf.to_object(cfg))  # typed VerifyConfig, validated
-    except USER_ERRORS as e:
-        print(f"verify: error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    def verify():
+        from sfmed.convert.app import run_verify
+
+        return run_verify(OmegaConf.to_object(cfg))  # typed VerifyConfig, validated
+
+    result = run_cli("verify", verify)
     print(result.line())
     print("RESULT " + result.to_json())
     sys.exit(0 if result.passed else 1)

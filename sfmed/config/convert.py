@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sfmed.core.dtypes import FLOAT_DTYPES
 from sfmed.core.errors import ConfigError
-from sfmed.models.qwen2 import VOCAB_PAD_TP
+from sfmed.core.units import parse_size
+from sfmed.models.arch import VOCAB_PAD_TP
 
 DIRECTIONS = ("mcore", "hf")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPES = ("auto", *FLOAT_DTYPES)
+VERIFY_IMPLS = ("local", "transformer_engine")
+VERIFY_ATTENTION = ("sdpa", "flash", "unfused")
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -42,7 +46,7 @@ class ConvertParallelConfig:
 
 @dataclass
 class ConvertConfig:
-    """HF Qwen2 folder <-> Megatron checkpoint folder (torch_dist)."""
+    """HF model folder <-> Megatron checkpoint folder (torch_dist)."""
 
     to: str | None = None
     """``mcore`` (HF folder -> Megatron checkpoint) or ``hf`` (Megatron checkpoint -> HF)."""
@@ -98,12 +102,7 @@ class ConvertConfig:
                 f"make_vocab_size_divisible_by={self.make_vocab_size_divisible_by} and "
                 f"vocab_pad_tp={self.vocab_pad_tp} must be >= 1"
             )
-        from sfmed.convert.hf_io import parse_size
-
-        try:
-            parse_size(self.max_shard_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        parse_size(self.max_shard_size)
 
 
 @dataclass
@@ -138,6 +137,12 @@ class VerifyConfig:
     min_top1: float | None = None
     """Smallest allowed argmax agreement (default 1.0 float32, 0.9 bfloat16)."""
 
+    transformer_impl: str = "local"
+    """Layer spec megatron-core builds, as in training: ``local`` or ``transformer_engine``."""
+
+    attention_backend: str = "sdpa"
+    """Core attention of the local spec, as in training: ``sdpa``, ``flash`` or ``unfused``."""
+
     def __post_init__(self):
         for k in ("hf", "mcore"):
             if not getattr(self, k):
@@ -146,8 +151,17 @@ class VerifyConfig:
                 )
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is not one of {list(DEVICES)}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
+        if self.transformer_impl not in VERIFY_IMPLS:
+            raise ConfigError(
+                f"transformer_impl={self.transformer_impl!r} is not one of {list(VERIFY_IMPLS)}"
+            )
+        if self.attention_backend not in VERIFY_ATTENTION:
+            raise ConfigError(
+                f"attention_backend={self.attention_backend!r} is not one of "
+                f"{list(VERIFY_ATTENTION)}"
+            )
         if self.batch < 1 or self.seq_length < 1:
             raise ConfigError(f"batch={self.batch} and seq_length={self.seq_length} must be >= 1")
 
@@ -162,7 +176,7 @@ class VerifyConfig:
 
 @dataclass
 class QuickstartConfig:
-    """Tiny random Qwen2 -> Megatron TP x PP -> megatron-core logits check -> back to HF."""
+    """Tiny random model -> Megatron TP x PP -> megatron-core logits check -> back to HF."""
 
     workdir: str = "outputs/quickstart"
     """Where the tiny model, the checkpoint and the exported copy go (rebuilt on every run)."""

@@ -1,16 +1,21 @@
-"""Schema of the ``model`` group (``conf/model/*.yaml``): a Qwen2 architecture + implementation.
+"""Schema of the ``model`` group (``conf/model/*.yaml``): an architecture + its implementation.
 
-The architecture fields mirror ``sfmed.models.qwen2.Qwen2Arch``; ``hf_config`` reads them from a
-Hugging Face ``config.json`` instead. Implementation choices (Transformer Engine or megatron's
-local modules, attention kernel) live here too because they decide the layer spec.
+The architecture fields are those of :class:`sfmed.models.ModelArch` that a preset sets; the
+family (HF ``model_type``) supplies the rest (biases, q/k norm). ``hf_config`` reads everything
+from a Hugging Face ``config.json`` instead. Implementation choices (Transformer Engine or
+megatron's local modules, attention kernel) live here too because they decide the layer spec.
+This module does not import torch: :meth:`ModelConfig.arch` loads ``sfmed.models`` when called.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sfmed.core.errors import ConfigError
-from sfmed.models.qwen2 import Qwen2Arch, arch_from_hf_config
+
+if TYPE_CHECKING:
+    from sfmed.models import ModelArch
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "unfused")
@@ -18,10 +23,14 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "unfused")
 
 @dataclass
 class ModelConfig:
-    """A Qwen2-family model as megatron-core builds it."""
+    """A decoder-only model (of a registered family) as megatron-core builds it."""
 
     name: str = "tiny"
     """Label only (logs, wandb, checkpoint metadata)."""
+
+    family: str = "qwen2"
+    """The model family (HF ``model_type``) of the fields below; ignored with ``hf_config``,
+    whose ``model_type`` decides."""
 
     hf_config: str | None = None
     """An HF ``config.json`` (or the folder holding it): when set, the architecture fields below
@@ -95,20 +104,26 @@ class ModelConfig:
                     f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels"
                 )
 
-    def arch(self) -> Qwen2Arch:
+    def arch(self) -> ModelArch:
         """The architecture these settings describe (from ``hf_config`` when given)."""
+        from sfmed.models import arch_from_dict, arch_from_hf_config
+
         if self.hf_config:
             return arch_from_hf_config(self.hf_config)
-        return Qwen2Arch(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            ffn_hidden_size=self.ffn_hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_query_groups,
-            vocab_size=self.vocab_size,
-            max_position_embeddings=self.max_position_embeddings,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            tie_word_embeddings=self.tie_word_embeddings,
-            kv_channels=self.kv_channels or self.hidden_size // self.num_attention_heads,
+        # The family fills what a preset does not say (biases, q/k norm), as for stored metadata.
+        return arch_from_dict(
+            {
+                "family": self.family,
+                "num_layers": self.num_layers,
+                "hidden_size": self.hidden_size,
+                "ffn_hidden_size": self.ffn_hidden_size,
+                "num_attention_heads": self.num_attention_heads,
+                "num_query_groups": self.num_query_groups,
+                "vocab_size": self.vocab_size,
+                "max_position_embeddings": self.max_position_embeddings,
+                "rms_norm_eps": self.rms_norm_eps,
+                "rope_theta": self.rope_theta,
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "kv_channels": self.kv_channels or self.hidden_size // self.num_attention_heads,
+            }
         )

@@ -13,6 +13,25 @@ from typing import Any
 from sfmed.core.errors import ConfigError
 
 
+def parse_split(split: str) -> tuple[float, float, float]:
+    """``'99,1,0'`` (or ``'99/1/0'``, Megatron's two spellings) -> (train, valid, test).
+
+    The one parser of ``data.split``: raises :class:`ConfigError` unless it is three
+    non-negative numbers with train > 0.
+    """
+    parts = [p for p in str(split).replace("/", ",").split(",") if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(v < 0 for v in values) or values[0] <= 0:
+        raise ConfigError(
+            f"data.split={split!r} must be three non-negative numbers train,valid,test "
+            "with train > 0, e.g. '99,1,0'"
+        )
+    return values[0], values[1], values[2]
+
+
 @dataclass
 class PretrainDataConfig:
     """Which token streams to train on, and how they are cut into samples."""
@@ -52,6 +71,11 @@ class PretrainDataConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
 
+    @property
+    def split_weights(self) -> tuple[float, float, float]:
+        """``split`` as (train, valid, test) proportions."""
+        return parse_split(self.split)
+
     def __post_init__(self):
         if self.prefix is not None and self.blend is not None:
             raise ConfigError(
@@ -62,16 +86,7 @@ class PretrainDataConfig:
             raise ConfigError(f"data.seq_length={self.seq_length} must be >= 1")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
-        parts = [p for p in str(self.split).replace("/", ",").split(",") if p.strip()]
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            values = []
-        if len(values) != 3 or any(v < 0 for v in values) or values[0] <= 0:
-            raise ConfigError(
-                f"data.split={self.split!r} must be three non-negative numbers train,valid,test "
-                "with train > 0, e.g. '99,1,0'"
-            )
+        parse_split(self.split)
         if self.reset_attention_mask:
             raise ConfigError(
                 "data.reset_attention_mask=true needs per-document attention masks, which the "

@@ -1,4 +1,5 @@
-"""Exact, streaming Qwen2 (Hugging Face) <-> Megatron (megatron-core torch_dist) conversion.
+"""Exact, streaming Hugging Face <-> Megatron (megatron-core torch_dist) conversion for every
+registered model family (see :mod:`sfmed.models`).
 
 Entry point: ``launch/convert.py``; library use::
 

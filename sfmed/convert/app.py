@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-
-import torch
-
 from sfmed.config.convert import ConvertConfig, VerifyConfig
-from sfmed.convert.errors import ConversionError
 from sfmed.convert.hf_to_mcore import convert_hf_to_mcore
 from sfmed.convert.mcore_to_hf import convert_mcore_to_hf
 from sfmed.convert.report import ConversionSummary
 from sfmed.convert.verify import VerifyResult, verify_conversion
-from sfmed.core.atomic import OutputExistsError
-from sfmed.core.errors import ConfigError
-from sfmed.core.megatron_layout import CheckpointNotFoundError
-
-USER_ERRORS = (ConfigError, ConversionError, OutputExistsError, CheckpointNotFoundError)
-"""Errors caused by the input or the configuration: reported as one line, exit code 2."""
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def setup_logging() -> None:
-    """INFO-level logging to stderr for the entry points."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("megatron", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+from sfmed.core.dtypes import torch_dtype
 
 
 def run_convert(cfg: ConvertConfig) -> ConversionSummary:
     """Run the conversion ``cfg`` describes."""
-    dtype = _DTYPES.get(cfg.dtype)
+    dtype = None if cfg.dtype == "auto" else torch_dtype(cfg.dtype)
     if cfg.to == "mcore":
         return convert_hf_to_mcore(
             cfg.src,
@@ -71,4 +50,6 @@ def run_verify(cfg: VerifyConfig) -> VerifyResult:
         seq_length=cfg.seq_length,
         seed=cfg.seed,
         tolerances=cfg.tolerances(),
+        impl=cfg.transformer_impl,
+        attention=cfg.attention_backend,
     )

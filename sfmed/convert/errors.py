@@ -1,19 +1,24 @@
-"""Errors a user can cause when converting or loading checkpoints (reported before any output)."""
+"""Errors a user can cause when converting or loading checkpoints (reported before any output).
+
+They live in :mod:`sfmed.core.errors` (loading a checkpoint is core); this module keeps the names
+importable from the conversion package. ``ConversionError`` is their common base.
+"""
 
 from __future__ import annotations
 
+from sfmed.core.errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    HFCheckpointError,
+)
 
-class ConversionError(Exception):
-    """Base class: the input cannot be converted as asked; the message names value and fix."""
+ConversionError = CheckpointError
 
-
-class HFCheckpointError(ConversionError):
-    """A Hugging Face model folder is incomplete or inconsistent (shards, index, dtypes, shapes)."""
-
-
-class CheckpointFormatError(ConversionError):
-    """A Megatron checkpoint folder is incomplete or not in the torch_dist format."""
-
-
-class CheckpointMismatchError(ConversionError):
-    """A checkpoint does not fit the model it is loaded into (shapes, vocabulary, layers)."""
+__all__ = [
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
+    "ConversionError",
+    "HFCheckpointError",
+]

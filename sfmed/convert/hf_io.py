@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sfmed.convert.errors import HFCheckpointError
 from sfmed.core.background import BackgroundWriter
+from sfmed.core.errors import HFCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +49,6 @@ ST_DTYPES = {
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """'bfloat16' for torch.bfloat16 (the spelling of HF configs)."""
-    return str(dtype).replace("torch.", "")
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' / '500MB' / '2GiB' / 123 -> bytes (transformers' max_shard_size spelling)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: use e.g. 5GB, 500MB or a number of bytes")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2) or " ")
-    return int(float(m.group(1)) * base**power)
-
-
 class HFWeights:
     """The safetensors weights of an HF model folder, checked completely before any use.
 
@@ -82,6 +65,7 @@ class HFWeights:
         expected: dict[str, tuple[int, ...]],
         optional: Iterable[str] = (),
         ignored_suffixes: tuple[str, ...] = (),
+        model_class: str = "causal LM",
     ):
         from safetensors import safe_open
 
@@ -148,8 +132,8 @@ class HFWeights:
         ]
         if unknown:
             raise HFCheckpointError(
-                f"{len(unknown)} tensor(s) that a Qwen2 model does not have, e.g. {unknown[:3]}; "
-                "this folder is not a plain Qwen2ForCausalLM checkpoint"
+                f"{len(unknown)} tensor(s) that {model_class} does not have, e.g. {unknown[:3]}; "
+                f"this folder is not a plain {model_class} checkpoint"
             )
         self.extra = sorted(k for k in weight_map if k in optional)
         self.total_bytes = sum(

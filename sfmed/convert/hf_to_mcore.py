@@ -1,4 +1,4 @@
-"""HF Qwen2 folder -> Megatron-LM checkpoint folder (torch_dist), streaming one tensor at a time.
+"""HF model folder -> Megatron-LM checkpoint folder (torch_dist), streaming one tensor at a time.
 
 Output layout (see :mod:`sfmed.core.megatron_layout`)::
 
@@ -12,6 +12,9 @@ The chunk grid is exactly the one megatron-core's ``dist_checkpointing.save`` wr
 GPTModel at the requested TP×PP, and the keys are ``GPTModel.sharded_state_dict()``'s, so
 ``dist_checkpointing.load`` restores the weights into a GPTModel at any TP/PP. Everything is
 written into a temporary sibling folder that is renamed onto ``dst`` at the very end.
+
+Generic over model families: the family's tensor mapping (:mod:`sfmed.models.mapping`) says
+which HF tensors make which stored blocks; this module only streams them to the writer.
 """
 
 from __future__ import annotations
@@ -23,22 +26,18 @@ from pathlib import Path
 import torch
 
 import sfmed
-from sfmed.convert import keymap as km
-from sfmed.convert import tensors as T
-from sfmed.convert.errors import HFCheckpointError
-from sfmed.convert.hf_io import HFWeights, copy_sidecar, dtype_name
+from sfmed.convert.hf_io import HFWeights, copy_sidecar
+from sfmed.convert.keymap import model_mapping
 from sfmed.convert.report import ConversionSummary, progress_bar
 from sfmed.core import megatron_layout as layout
 from sfmed.core.atomic import atomic_dir, check_destination
+from sfmed.core.dtypes import dtype_name
+from sfmed.core.errors import HFCheckpointError
+from sfmed.core.parallel import validate_parallel
 from sfmed.core.torch_dist import TorchDistWriter
-from sfmed.models.qwen2 import (
-    VOCAB_PAD_TP,
-    Qwen2Arch,
-    arch_from_hf_config,
-    arch_to_dict,
-    checkpoint_vocab_size,
-    validate_parallel,
-)
+from sfmed.models.arch import VOCAB_PAD_TP, ModelArch, arch_to_dict, checkpoint_vocab_size
+from sfmed.models.family import arch_from_hf_config, family_for
+from sfmed.models.mapping import TensorMapping, extra_state_key
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,11 @@ def layer_stages(num_layers: int, pp: int, layers_per_stage: list[int] | None = 
     return [stage for stage, n in enumerate(counts) for _ in range(n)]
 
 
-def expected_hf_tensors(arch: Qwen2Arch) -> dict[str, tuple[int, ...]]:
+def expected_hf_tensors(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name of ``arch`` with its shape, in conversion order."""
     out: dict[str, tuple[int, ...]] = {}
-    for m, layer in km.conversion_order(arch):
-        out.update(zip(m.hf_names(layer), T.hf_shapes(m, arch)))
+    for m, layer in model_mapping(arch).order(arch.num_layers):
+        out.update(zip(m.hf_names(layer), m.hf_shapes(arch)))
     return out
 
 
@@ -72,7 +71,7 @@ def convert_hf_to_mcore(
     vocab_pad_tp: int = VOCAB_PAD_TP,
     progress: bool = True,
 ) -> ConversionSummary:
-    """Convert the HF Qwen2 folder ``src`` into a Megatron checkpoint folder ``dst``.
+    """Convert the HF model folder ``src`` into a Megatron checkpoint folder ``dst``.
 
     Everything a user can get wrong (config, shards, dtypes, TP/PP, an existing ``dst``) is
     checked before the first byte is written. ``dtype=None`` keeps the HF dtype, which makes
@@ -81,21 +80,29 @@ def convert_hf_to_mcore(
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
-        raise HFCheckpointError(f"src={src} is not a folder; point to an HF Qwen2 model folder")
+        raise HFCheckpointError(f"src={src} is not a folder; point to an HF model folder")
     arch = arch_from_hf_config(src)
+    mapping = model_mapping(arch)
     validate_parallel(arch, tp, pp, layers_per_stage)
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise HFCheckpointError(f"dst={dst} lies inside src={src}; choose a folder outside it")
     check_destination(dst, overwrite)
-    optional = [km.HF_LM_HEAD] if arch.tie_word_embeddings else []
-    weights = HFWeights(src, expected_hf_tensors(arch), optional, km.HF_IGNORED_SUFFIXES)
-    if weights.extra:  # a tied model saved with a copy of its embedding as lm_head
-        if not torch.equal(weights.get(km.HF_LM_HEAD), weights.get(km.HF_EMBED)):
+    optional = [mapping.tied[0]] if mapping.tied else []
+    weights = HFWeights(
+        src,
+        expected_hf_tensors(arch),
+        optional,
+        mapping.ignored_hf_suffixes,
+        model_class=family_for(arch).hf_architecture,
+    )
+    if weights.extra:  # a tied model saved with a copy of its embedding as its output layer
+        head, embed = mapping.tied
+        if not torch.equal(weights.get(head), weights.get(embed)):
             raise HFCheckpointError(
-                "config.json has tie_word_embeddings=true but lm_head.weight differs from "
-                "model.embed_tokens.weight; set tie_word_embeddings=false to keep both"
+                f"config.json has tie_word_embeddings=true but {head} differs from {embed}; "
+                "set tie_word_embeddings=false to keep both"
             )
-        log.warning("ignoring lm_head.weight: tied to model.embed_tokens.weight (identical)")
+        log.warning("ignoring %s: tied to %s (identical)", head, embed)
     out_dtype = dtype or weights.dtype
     padded = checkpoint_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by, vocab_pad_tp)
     stages = layer_stages(arch.num_layers, pp, layers_per_stage)
@@ -117,17 +124,14 @@ def convert_hf_to_mcore(
         writer = TorchDistWriter(ckpt)
         try:
             with progress_bar(weights.total_bytes, "hf->mcore", progress) as bar:
-                for m, layer in km.conversion_order(arch):
-                    stage = _stage_of(m, layer, stages, pp)
-                    if m.kind == "vocab":
-                        _write_vocab(writer, weights, m, arch, padded, tp, stage, out_dtype)
-                    else:
-                        _write_layer_tensor(writer, weights, m, layer, arch, tp, stage, out_dtype)
+                for m, layer in mapping.order(arch.num_layers):
+                    stage = mapping.stage_of(m, layer, stages, pp)
+                    _write_tensor(writer, weights, m, layer, arch, padded, tp, stage, out_dtype)
                     n_tensors += len(m.hf)
-                    bar.update(sum(_nbytes(s, weights.dtype) for s in T.hf_shapes(m, arch)))
+                    bar.update(sum(_nbytes(s, weights.dtype) for s in m.hf_shapes(arch)))
             for layer in range(arch.num_layers):
-                for module in km.EXTRA_STATE_MODULES:
-                    key = km.extra_state_key(module, layer, arch.num_layers)
+                for module in mapping.extra_state_modules:
+                    key = extra_state_key(module, layer, arch.num_layers)
                     writer.add_object(key, None, rank=stages[layer] * tp)
             writer.finish(common={"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0})
         except BaseException:
@@ -179,40 +183,34 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n
 
 
-def _stage_of(m: km.TensorMap, layer: int | None, stages: list[int], pp: int) -> int:
-    if layer is not None:
-        return stages[layer]
-    return 0 if m.mcore == km.EMBED else pp - 1
-
-
-def _write_vocab(writer, weights, m, arch, padded, tp, stage, dtype) -> None:
-    """Vocabulary tensors go rank block by rank block: only one block is ever in memory."""
-    (name,) = m.hf
-    rows = padded // tp
-    for r in range(tp):
-        writer.wait()  # a vocabulary block can be ~0.5 GB: never build one while one is queued
-        start = r * rows
-        stop = min(start + rows, arch.vocab_size)
-        have = weights.get_rows(name, start, stop) if stop > start else None
-        if have is None:
-            block = torch.zeros((rows, arch.hidden_size), dtype=dtype)
+def _write_tensor(
+    writer: TorchDistWriter,
+    weights: HFWeights,
+    m: TensorMapping,
+    layer: int | None,
+    arch: ModelArch,
+    padded: int,
+    tp: int,
+    stage: int,
+    dtype: torch.dtype,
+) -> None:
+    """Stream every stored block of ``m`` (of ``layer``) from ``weights`` to ``writer``."""
+    shape = m.mcore_shape(arch, padded)
+    blocks = m.mcore_blocks(weights, arch, tp, padded, dtype, layer)
+    while True:
+        if m.large_blocks:  # e.g. a ~0.5 GB vocabulary block: never build one while one is queued
+            writer.wait()
+        item = next(blocks, None)
+        if item is None:
+            return
+        rank, offsets, data = item
+        if m.layered:
+            writer.add_chunk(
+                m.mcore,
+                (arch.num_layers, *shape),
+                (layer, *offsets),
+                data.unsqueeze(0),
+                stage * tp + rank,
+            )
         else:
-            block = T.padded_rows(have.to(dtype), start, rows, arch.vocab_size)
-        writer.add_chunk(m.mcore, (padded, arch.hidden_size), (start, 0), block, stage * tp + r)
-
-
-def _write_layer_tensor(writer, weights, m, layer, arch, tp, stage, dtype) -> None:
-    hf = [weights.get(n).to(dtype) for n in m.hf_names(layer)]
-    shape = T.mcore_shape(m, arch, 0)
-    for r in range(tp):
-        for offsets, data in T.tp_blocks(m, hf, arch, tp, r):
-            if m.layered:
-                writer.add_chunk(
-                    m.mcore,
-                    (arch.num_layers, *shape),
-                    (layer, *offsets),
-                    data.unsqueeze(0),
-                    stage * tp + r,
-                )
-            else:
-                writer.add_chunk(m.mcore, shape, offsets, data, stage * tp + r)
+            writer.add_chunk(m.mcore, shape, offsets, data, stage * tp + rank)

@@ -1,11 +1,11 @@
-"""Megatron checkpoint (torch_dist, any TP/PP, converted or trained) -> HF Qwen2 folder.
+"""Megatron checkpoint (torch_dist, any TP/PP, converted or trained) -> HF model folder.
 
 Mirror of :mod:`sfmed.convert.hf_to_mcore`: the same key map and tensor functions, run backwards,
 one tensor (one layer's slice of a stacked tensor, or one stored row block of the vocabulary) at a
 time. Only the model's tensors are read: optimizer state, RNG and other top-level entries of a
 trained checkpoint (``model0``/``model1`` of virtual pipeline stages included, whose tensors share
 the same global keys) are ignored. Vocabulary padding is stripped; tied embeddings stay tied (no
-``lm_head.weight``).
+output-layer tensor). Generic over model families, like the other direction.
 """
 
 from __future__ import annotations
@@ -18,28 +18,19 @@ from pathlib import Path
 
 import torch
 
-from sfmed.convert import keymap as km
-from sfmed.convert import tensors as T
-from sfmed.convert.errors import CheckpointFormatError, CheckpointMismatchError
-from sfmed.convert.hf_io import (
-    SafetensorsWriter,
-    copy_sidecar,
-    dtype_name,
-    parse_size,
-    sidecar_files,
-)
+from sfmed.convert.hf_io import SafetensorsWriter, copy_sidecar, sidecar_files
+from sfmed.convert.keymap import model_mapping
 from sfmed.convert.report import ConversionSummary, progress_bar
 from sfmed.core import megatron_layout as layout
 from sfmed.core.atomic import atomic_dir, check_destination
 from sfmed.core.background import prefetched
+from sfmed.core.dtypes import dtype_name
+from sfmed.core.errors import CheckpointFormatError, CheckpointMismatchError, ConfigError
 from sfmed.core.torch_dist import TorchDistReader
-from sfmed.models.qwen2 import (
-    ConfigError,
-    Qwen2Arch,
-    arch_from_dict,
-    arch_from_hf_config,
-    hf_config_dict,
-)
+from sfmed.core.units import parse_size
+from sfmed.models.arch import ModelArch, arch_from_dict
+from sfmed.models.family import arch_from_hf_config, family_for
+from sfmed.models.mapping import EMBED, OUTPUT, TensorMapping
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +50,7 @@ def find_hf_sidecar(ckpt_dir: Path, hf_config: str | Path | None = None) -> Path
     return None
 
 
-def checkpoint_arch(ckpt: str | Path, hf_config: str | Path | None = None) -> tuple[Qwen2Arch, int]:
+def checkpoint_arch(ckpt: str | Path, hf_config: str | Path | None = None) -> tuple[ModelArch, int]:
     """(architecture, padded vocabulary size) of a checkpoint (root or iteration folder).
 
     Read from ``sfmed.json``; for checkpoints without it (e.g. Megatron-LM's) from the HF
@@ -79,26 +70,26 @@ def checkpoint_arch(ckpt: str | Path, hf_config: str | Path | None = None) -> tu
         arch = arch_from_hf_config(sidecar)
     padded = meta.get("padded_vocab_size")
     if padded is None:
-        padded = TorchDistReader(ckpt_dir).shape(km.EMBED)[0]
+        padded = TorchDistReader(ckpt_dir).shape(EMBED)[0]
     return arch, int(padded)
 
 
-def expected_mcore_tensors(arch: Qwen2Arch, padded: int) -> dict[str, tuple[int, ...]]:
+def expected_mcore_tensors(arch: ModelArch, padded: int) -> dict[str, tuple[int, ...]]:
     """Global shape of every checkpoint tensor of ``arch``."""
     out = {}
-    for m in km.tensor_maps(arch):
-        shape = T.mcore_shape(m, arch, padded)
+    for m in model_mapping(arch).tensors:
+        shape = m.mcore_shape(arch, padded)
         out[m.mcore] = (arch.num_layers, *shape) if m.layered else shape
     return out
 
 
-def check_checkpoint_tensors(reader: TorchDistReader, arch: Qwen2Arch, padded: int) -> None:
+def check_checkpoint_tensors(reader: TorchDistReader, arch: ModelArch, padded: int) -> None:
     """Raise :class:`CheckpointMismatchError` naming the first tensor the checkpoint lacks or
     stores in another shape than ``arch`` implies; check the data files are all there."""
     expected = expected_mcore_tensors(arch, padded)
     for key, shape in expected.items():
         if not reader.has(key):
-            hint = " (the model is untied: tie_word_embeddings=false)" if key == km.OUTPUT else ""
+            hint = " (the model is untied: tie_word_embeddings=false)" if key == OUTPUT else ""
             raise CheckpointMismatchError(f"{reader.dir} lacks tensor {key}{hint}")
         got = reader.shape(key)
         if got != shape:
@@ -120,7 +111,7 @@ def convert_mcore_to_hf(
     progress: bool = True,
 ) -> ConversionSummary:
     """Convert the Megatron checkpoint ``src`` (root with tracker, or an iter_*/release folder)
-    into an HF Qwen2 folder ``dst`` that ``transformers`` loads as ``Qwen2ForCausalLM``.
+    into an HF folder ``dst`` that ``transformers`` loads as the family's causal-LM class.
 
     ``dtype=None`` keeps the stored dtype (exact). ``hf_config`` supplies config.json and
     tokenizer files when the checkpoint carries none. Returns a :class:`ConversionSummary`.
@@ -132,16 +123,17 @@ def convert_mcore_to_hf(
     shard_bytes = parse_size(max_shard_size)
     reader = TorchDistReader(ckpt_dir)
     arch, padded = checkpoint_arch(ckpt_dir, hf_config)
+    mapping = model_mapping(arch)
     check_checkpoint_tensors(reader, arch, padded)
     sidecar = find_hf_sidecar(ckpt_dir, hf_config)
-    stored = Counter(reader.dtype(m.mcore) for m in km.tensor_maps(arch))
+    stored = Counter(reader.dtype(m.mcore) for m in mapping.tensors)
     out_dtype = dtype or stored.most_common(1)[0][0]
     if len(stored) > 1 and dtype is None:
         log.warning("checkpoint mixes dtypes %s; writing %s", dict(stored), out_dtype)
     specs = [
         (name, shape, out_dtype)
-        for m, layer in km.conversion_order(arch)
-        for name, shape in zip(m.hf_names(layer), T.hf_shapes(m, arch))
+        for m, layer in mapping.order(arch.num_layers)
+        for name, shape in zip(m.hf_names(layer), m.hf_shapes(arch))
     ]
     log.info(
         "mcore->hf %s: %d layers, hidden %d, vocab %d (stored %d), %s",
@@ -157,8 +149,8 @@ def convert_mcore_to_hf(
         try:
             tensors = (
                 (name, t.to(out_dtype))
-                for m, layer in km.conversion_order(arch)
-                for name, t in _hf_tensors(reader, m, layer, arch)
+                for m, layer in mapping.order(arch.num_layers)
+                for name, t in _hf_tensors(reader, m, layer, arch, padded)
             )
             with progress_bar(writer.total_bytes, "mcore->hf", progress) as bar:
                 for name, t in prefetched(tensors):  # reading runs ahead of the writes
@@ -183,53 +175,45 @@ def convert_mcore_to_hf(
     return summary
 
 
-def _hf_tensors(reader: TorchDistReader, m: km.TensorMap, layer: int | None, arch: Qwen2Arch):
-    """Yield (HF name, tensor or row block) for one map and layer."""
-    if m.kind == "vocab":
-        (name,) = m.hf
-        chunks = sorted(reader.chunks(m.mcore))
-        if all(off[1] == 0 and size[1] == arch.hidden_size for off, size in chunks):
-            for off, size in chunks:  # whole stored row blocks, padding rows cut off
-                if off[0] < arch.vocab_size:
-                    rows = reader.read(m.mcore, off, size)
-                    yield name, rows[: arch.vocab_size - off[0]]
-            return
-        starts = sorted({off[0] for off, _ in chunks} | {0})
-        bounds = [s for s in starts if s < arch.vocab_size] + [arch.vocab_size]
-        for a, b in zip(bounds, bounds[1:]):
-            yield name, reader.read(m.mcore, (a, 0), (b - a, arch.hidden_size))
+def _hf_tensors(
+    reader: TorchDistReader, m: TensorMapping, layer: int | None, arch: ModelArch, padded: int
+):
+    """Yield (HF name, tensor or block of it) for one mapping and layer: piece by piece when the
+    mapping has a read plan for the stored chunk grid, else the whole tensor through ``to_hf``."""
+    shape = m.mcore_shape(arch, padded)
+    plan = m.read_plan(_layer_chunks(reader, m, layer), arch, padded, layer)
+    if plan is not None:
+        for name, (off, size), rows in plan:
+            if m.layered:
+                t = reader.read(m.mcore, (layer, *off), (1, *size))[0]
+            else:
+                t = reader.read(m.mcore, off, size)
+            yield name, t if rows is None else t[:rows]
         return
-    shape = T.mcore_shape(m, arch, 0)
-    if m.kind == "gate_up" and m.layered:
-        half = shape[0] // 2
-        blocks = _row_chunks(reader, m.mcore, layer, half)
-        if blocks is not None:  # stream gate then up, stored block by block: no assembly copy
-            for name, which in zip(m.hf_names(layer), (0, 1)):
-                for start, rows in blocks:
-                    if start // half == which:
-                        yield name, reader.read(m.mcore, (layer, start, 0), (1, rows, shape[1]))[0]
-            return
     if m.layered:
         t = reader.read(m.mcore, (layer, *[0] * len(shape)), (1, *shape))[0]
     else:
         t = reader.read(m.mcore, (0,) * len(shape), shape)
-    yield from zip(m.hf_names(layer), T.to_hf(m, t, arch))
+    yield from zip(m.hf_names(layer), m.to_hf(t, arch))
 
 
-def _row_chunks(reader: TorchDistReader, key: str, layer: int, half: int):
-    """The stored chunks of one layer of ``key`` as sorted (first row, rows) when they split rows
-    only and none straddles ``half`` (megatron's fc1 grid at any TP); else None."""
+def _layer_chunks(reader: TorchDistReader, m: TensorMapping, layer: int | None):
+    """The stored chunks of ``m`` as regions of one layer's tensor; None when a chunk holds
+    several layers (then there is no per-layer grid to stream by)."""
+    chunks = reader.chunks(m.mcore)
+    if not m.layered:
+        return list(chunks)
     out = []
-    for off, size in reader.chunks(key):
+    for off, size in chunks:
         if off[0] <= layer < off[0] + size[0]:
-            if size[0] != 1 or any(off[2:]) or off[1] // half != (off[1] + size[1] - 1) // half:
+            if size[0] != 1:
                 return None
-            out.append((off[1], size[1]))
-    return sorted(out)
+            out.append((tuple(off[1:]), tuple(size[1:])))
+    return out
 
 
 def _write_hf_side_files(
-    out: Path, arch: Qwen2Arch, sidecar: Path | None, dtype: torch.dtype, final: Path
+    out: Path, arch: ModelArch, sidecar: Path | None, dtype: torch.dtype, final: Path
 ) -> None:
     """config.json (the original one, dtype updated if cast), generation config, tokenizer."""
     if sidecar is not None:
@@ -246,12 +230,15 @@ def _write_hf_side_files(
             "its architecture; add tokenizer files (or pass hf_config=<HF folder>)"
         )
         (out / "config.json").write_text(
-            json.dumps(hf_config_dict(arch, dtype_name(dtype)), indent=2, sort_keys=True) + "\n"
+            json.dumps(
+                family_for(arch).hf_config_dict(arch, dtype_name(dtype)), indent=2, sort_keys=True
+            )
+            + "\n"
         )
     if not (out / "generation_config.json").is_file():
-        from transformers import GenerationConfig, Qwen2Config
+        from transformers import GenerationConfig
 
-        cfg = Qwen2Config.from_pretrained(str(out))
+        cfg = family_for(arch).hf_config_class().from_pretrained(str(out))
         GenerationConfig.from_model_config(cfg).save_pretrained(str(out))
     has_tokenizer = any(p.name.startswith("tokenizer") for p in sidecar_files(out))
     if not has_tokenizer:

@@ -4,28 +4,31 @@ the Megatron checkpoint, on the same tokens.
 The megatron side runs in ``torchrun --nproc_per_node tp*pp`` workers
 (:mod:`sfmed.convert.logits_worker`; CPU emulation with gloo on a machine without GPUs), which
 load the checkpoint with :func:`sfmed.convert.load_mcore_weights` and run megatron's pipeline
-schedule forward-only. The HF side runs in this process first, so the two models are never in
-memory together.
+schedule forward-only. The HF side runs in this process: first, so that the two models are never
+in memory together, or (models under 1 GiB) while the workers start up.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from sfmed.core.dtypes import FLOAT_DTYPES, dtype_name, torch_dtype
 from sfmed.core.errors import ConfigError
+from sfmed.core.ports import free_port
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Defaults per compute dtype. fp32 kernels agree to rounding (measured ~2e-6 on the tiny model).
 # In bf16 the two stacks differ in GEMM accumulation order, norm and softmax precision: a logit
 # moves by up to ~0.1 on the tiny model and near-ties flip (top-1 agreement ~0.96 measured on CPU),
@@ -95,13 +98,15 @@ def make_tokens(vocab_size: int, batch: int, seq_length: int, seed: int = 0) -> 
 def hf_logits(
     hf_dir: str | Path, tokens: torch.Tensor, dtype: torch.dtype, device: str
 ) -> torch.Tensor:
-    """Logits of ``transformers``' Qwen2ForCausalLM for ``tokens`` (returned on CPU, fp32)."""
+    """Logits of the family's transformers causal LM for ``tokens`` (on CPU, fp32)."""
     import transformers
-    from transformers import Qwen2ForCausalLM
 
+    from sfmed.models import arch_from_hf_config, family_for
+
+    model_class = family_for(arch_from_hf_config(hf_dir)).hf_model_class()
     # transformers 5 names the argument dtype; 4.x calls it torch_dtype
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = Qwen2ForCausalLM.from_pretrained(str(hf_dir), **{key: dtype})
+    model = model_class.from_pretrained(str(hf_dir), **{key: dtype})
     model.to(device).eval()
     with torch.no_grad():
         out = model(tokens.to(device)).logits.float().cpu()
@@ -109,14 +114,22 @@ def hf_logits(
     return out
 
 
-def build_and_load(ckpt: str | Path, dtype: torch.dtype, device: str):
+def build_and_load(
+    ckpt: str | Path,
+    dtype: torch.dtype,
+    device: str,
+    impl: str = "local",
+    attention: str = "sdpa",
+):
     """Inside initialised megatron parallel state: build this rank's GPTModel stage from the
-    checkpoint's metadata and load its weights. Returns (model, arch)."""
+    checkpoint's metadata with training's layer spec (``impl``/``attention`` as in
+    ``model.transformer_impl``/``model.attention``) and load its weights. Returns
+    (model, arch)."""
     from megatron.core import parallel_state as ps
 
     from sfmed.convert.mcore_to_hf import checkpoint_arch
     from sfmed.core.ckpt_load import load_mcore_weights
-    from sfmed.models.qwen2 import build_model, transformer_config
+    from sfmed.models import build_model, decoder_layer_spec, transformer_config
 
     arch, padded = checkpoint_arch(ckpt)
     tp = ps.get_tensor_model_parallel_world_size()
@@ -127,6 +140,7 @@ def build_and_load(ckpt: str | Path, dtype: torch.dtype, device: str):
         config,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
+        spec=decoder_layer_spec(config, impl, attention),
         padded_vocab_size=padded,
     )
     if device == "cuda":
@@ -169,9 +183,16 @@ def forward_logits(model, vocab_size: int, tokens: torch.Tensor, device: str):
     return res[0]["logits"] if ps.is_pipeline_last_stage() else None
 
 
-def mcore_logits(ckpt: str | Path, tokens: torch.Tensor, dtype: torch.dtype, device: str):
+def mcore_logits(
+    ckpt: str | Path,
+    tokens: torch.Tensor,
+    dtype: torch.dtype,
+    device: str,
+    impl: str = "local",
+    attention: str = "sdpa",
+):
     """:func:`build_and_load` + :func:`forward_logits` (run on every rank)."""
-    model, arch = build_and_load(ckpt, dtype, device)
+    model, arch = build_and_load(ckpt, dtype, device, impl, attention)
     return forward_logits(model, arch.vocab_size, tokens, device)
 
 
@@ -182,9 +203,23 @@ def resolve_compute(device: str, dtype: str) -> tuple[str, torch.dtype]:
     dev = resolve_device(device)
     if dtype == "auto":
         return dev, torch.bfloat16 if dev == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return dev, DTYPES[dtype]
+    if dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of auto, {', '.join(FLOAT_DTYPES)}")
+    return dev, torch_dtype(dtype)
+
+
+OVERLAP_MAX_BYTES = 1 << 30
+"""Models up to this size run the transformers reference while the megatron workers start (both
+in memory at once); larger ones run one after the other."""
+
+
+def model_bytes(arch, dtype: torch.dtype) -> int:
+    """Bytes of ``arch``'s weights in ``dtype`` (from its family's tensor table)."""
+    from sfmed.models import family_for
+
+    table = family_for(arch).mapping(arch)
+    numel = sum(math.prod(s) for m, _ in table.order(arch.num_layers) for s in m.hf_shapes(arch))
+    return numel * dtype.itemsize
 
 
 def run_mcore_logits(
@@ -195,12 +230,14 @@ def run_mcore_logits(
     pp: int = 1,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    impl: str = "local",
+    attention: str = "sdpa",
     timeout: int = 1800,
 ) -> torch.Tensor:
     """Run :mod:`sfmed.convert.logits_worker` under ``torchrun`` (tp*pp processes) and return
     the logits it computed; raises RuntimeError with the workers' output on failure."""
     from sfmed.convert.mcore_to_hf import checkpoint_arch
-    from sfmed.models.qwen2 import validate_parallel
+    from sfmed.core.parallel import validate_parallel
 
     arch, _ = checkpoint_arch(ckpt)
     validate_parallel(arch, tp, pp)
@@ -213,13 +250,17 @@ def run_mcore_logits(
     with tempfile.TemporaryDirectory(prefix="sfmed-verify-") as tmp:
         tok_path, out_path = Path(tmp) / "tokens.pt", Path(tmp) / "logits.pt"
         torch.save(tokens.cpu(), tok_path)
-        cmd = [
-            sys.executable,
+        # One process needs no torchrun launcher (init_distributed sets up a world of one).
+        launcher = [
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
             "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
+        ]
+        cmd = [
+            sys.executable,
+            *(launcher if nproc > 1 else []),
             "-m",
             "sfmed.convert.logits_worker",
             "--ckpt",
@@ -235,7 +276,11 @@ def run_mcore_logits(
             "--device",
             device,
             "--dtype",
-            str(dtype).replace("torch.", ""),
+            dtype_name(dtype),
+            "--impl",
+            impl,
+            "--attention",
+            attention,
         ]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -252,14 +297,6 @@ def run_mcore_logits(
                 f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
             )
         return torch.load(out_path, weights_only=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -293,12 +330,16 @@ def verify_conversion(
     seq_length: int = 32,
     seed: int = 0,
     tolerances: dict | None = None,
+    impl: str = "local",
+    attention: str = "sdpa",
 ) -> VerifyResult:
-    """Compare logits of ``hf_dir`` (transformers) and ``ckpt`` (megatron-core at tp×pp)."""
+    """Compare logits of ``hf_dir`` (transformers) and ``ckpt`` (megatron-core at tp×pp, built
+    with training's layer spec: ``impl`` local|transformer_engine, ``attention``
+    sdpa|flash|unfused for the local spec)."""
     from sfmed.convert.mcore_to_hf import checkpoint_arch
-    from sfmed.models.qwen2 import arch_from_hf_config
+    from sfmed.models import arch_from_hf_config
 
-    dev, torch_dtype = resolve_compute(device, dtype)
+    dev, compute_dtype = resolve_compute(device, dtype)
     hf_arch = arch_from_hf_config(hf_dir)
     arch, _ = checkpoint_arch(ckpt)
     if (hf_arch.num_layers, hf_arch.hidden_size, hf_arch.vocab_size) != (
@@ -316,9 +357,26 @@ def verify_conversion(
             f"seq_length={seq_length} exceeds max_position_embeddings="
             f"{arch.max_position_embeddings}"
         )
-    tol = {**DEFAULT_TOLERANCES[torch_dtype], **(tolerances or {})}
+    tol = {**DEFAULT_TOLERANCES[compute_dtype], **(tolerances or {})}
     tokens = make_tokens(arch.vocab_size, batch, seq_length, seed)
-    ref = hf_logits(hf_dir, tokens, torch_dtype, dev)
-    got = run_mcore_logits(ckpt, tokens, tp=tp, pp=pp, device=dev, dtype=torch_dtype)
+    run = partial(
+        run_mcore_logits,
+        ckpt,
+        tokens,
+        tp=tp,
+        pp=pp,
+        device=dev,
+        dtype=compute_dtype,
+        impl=impl,
+        attention=attention,
+    )
+    if model_bytes(arch, compute_dtype) > OVERLAP_MAX_BYTES:
+        ref = hf_logits(hf_dir, tokens, compute_dtype, dev)  # one model in memory at a time
+        got = run()
+    else:  # small models: transformers computes while the workers start up
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(hf_logits, hf_dir, tokens, compute_dtype, dev)
+            got = run()
+            ref = pending.result()
     cmp = compare_logits(ref, got)
     return VerifyResult(cmp, tol, cmp.passes(**tol))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sfmed.convert.errors import CheckpointMismatchError
 from sfmed.core import megatron_layout as layout
+from sfmed.core.errors import CheckpointMismatchError
 from sfmed.core.torch_dist import TorchDistReader
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,8 @@ def model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
-def _unwrap(m):
+def unwrap_model(m):
+    """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(m, "module"):  # DDP / Float16Module wrappers
         m = m.module
     return m
@@ -126,7 +127,7 @@ def load_mcore_weights(model_chunks, ckpt_dir: str | Path, *, strict: bool = Tru
 
     ckpt = layout.resolve_checkpoint(ckpt_dir)
     chunks = [
-        _unwrap(m)
+        unwrap_model(m)
         for m in (model_chunks if isinstance(model_chunks, list | tuple) else [model_chunks])
     ]
     reader = TorchDistReader(ckpt)

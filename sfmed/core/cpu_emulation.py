@@ -17,6 +17,7 @@ import contextlib
 import logging
 import threading
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -54,11 +55,21 @@ def _cpu_if_cuda(dev: Any) -> Any:
     return torch.device("cpu") if _is_cuda_device(dev) else dev
 
 
+_GRAD_DESCRIPTOR = torch._C.TensorBase.grad
+_NON_LEAF_GRAD = r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device requests to the CPU for every torch function call."""
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if getattr(func, "__self__", None) is _GRAD_DESCRIPTOR and not args[0].is_leaf:
+            # megatron probes ``.grad`` of activations (hasattr); through this mode torch's
+            # non-leaf warning would point here, once per process. Same value, no warning.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+                return func(*args, **kwargs)
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.is_pinned:

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from sfmed.core import cpu_emulation
+from sfmed.core.parallel import validate_parallel_sizes
+from sfmed.core.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +44,6 @@ def resolve_device(device: str) -> str:
             "emulation (gloo), or check CUDA_VISIBLE_DEVICES / the installed torch build."
         )
     return device
-
-
-def validate_parallel_sizes(world_size: int, tp: int, pp: int, cp: int = 1) -> int:
-    """Return the data-parallel size, or raise naming the sizes that do not fit ``world_size``."""
-    for name, v in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp)):
-        if v < 1:
-            raise ValueError(f"{name}={v} must be >= 1")
-    mp = tp * pp * cp
-    if world_size % mp:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {mp}; "
-            f"launch a multiple of {mp} processes (torchrun --nproc_per_node) or change the sizes."
-        )
-    return world_size // mp
 
 
 def init_distributed(
@@ -89,7 +77,7 @@ def init_distributed(
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port() if world == 1 else 29500))
+        os.environ.setdefault("MASTER_PORT", str(free_port() if world == 1 else 29500))
         dist.init_process_group(
             backend=backend,
             rank=rank,
@@ -116,11 +104,3 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

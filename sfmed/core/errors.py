@@ -30,3 +30,19 @@ class ConfigErrors(ConfigError):
         else:
             body = "\n".join(f"  - {p}" for p in self.problems)
             super().__init__(f"{len(self.problems)} problems:\n{body}")
+
+
+class CheckpointError(UserError):
+    """A model or checkpoint folder cannot be read, converted or loaded as asked."""
+
+
+class HFCheckpointError(CheckpointError):
+    """A Hugging Face model folder is incomplete or inconsistent (shards, index, dtypes, shapes)."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A Megatron checkpoint folder is incomplete or not in the torch_dist format."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint does not fit the model it is loaded into (shapes, vocabulary, layers)."""

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from sfmed.core.atomic import atomic_write_text
+from sfmed.core.errors import UserError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -25,7 +26,7 @@ META = "sfmed.json"
 HF_SIDECAR = "hf"
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
     """No complete Megatron checkpoint where one was expected."""
 
 

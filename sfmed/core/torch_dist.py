@@ -40,14 +40,25 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from sfmed.convert.errors import CheckpointFormatError
-from sfmed.convert.tensors import owned_copy
 from sfmed.core.background import BackgroundWriter
+from sfmed.core.errors import CheckpointFormatError
 
 try:  # the DCP format version torch writes into .metadata
     from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 except ImportError:  # older torch
     CURRENT_DCP_VERSION = "1.0.0"
+
+
+def owned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor that owns exactly its bytes.
+
+    torch.save writes a tensor's whole storage, so a view of a larger tensor must be copied first.
+    """
+    t = t.contiguous()
+    if t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
 
 DCP_METADATA = ".metadata"
 COMMON = "common.pt"

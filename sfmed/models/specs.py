@@ -45,21 +45,27 @@ def core_attention_module(backend: str):
     return table[backend]
 
 
-def local_layer_spec(attention: str = "sdpa"):
+def local_layer_spec(attention: str = "sdpa", qk_layernorm: bool = False):
     """megatron's local GPT layer spec with sfmed's attention and SP-capable RMSNorm."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec = copy.deepcopy(
+        get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    )
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     spec.submodules.self_attention.submodules.core_attention = core_attention_module(attention)
     return spec
 
 
-def decoder_block_spec(config, impl: str = "local", attention: str = "sdpa", vp_stage=None):
-    """``TransformerBlockSubmodules`` for this rank's (virtual) pipeline stage.
+def decoder_layer_spec(config, impl: str = "local", attention: str = "sdpa", vp_stage=None):
+    """``TransformerBlockSubmodules`` for this rank's (virtual) pipeline stage: the one layer-spec
+    path of sfmed (training, conversion checks and verification all build with it).
 
-    ``impl`` is ``local`` or ``transformer_engine``; ``attention`` applies to ``local`` only.
+    ``impl`` is ``local`` or ``transformer_engine``; ``attention`` (sdpa | flash | unfused)
+    applies to ``local`` only. The architecture's spec choices (q/k norm; biases are
+    ``TransformerConfig`` fields) are read from ``config``, which
+    :func:`sfmed.models.transformer_config` fills from the model family.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_block import (
@@ -69,12 +75,18 @@ def decoder_block_spec(config, impl: str = "local", attention: str = "sdpa", vp_
 
     if impl == "transformer_engine":
         return get_gpt_decoder_block_spec(
-            config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
+            config,
+            use_transformer_engine=True,
+            normalization="RMSNorm",
+            vp_stage=vp_stage,  # reads qk_layernorm from config itself
         )
     if impl != "local":
         raise ValueError(f"transformer impl {impl!r} is not 'local' or 'transformer_engine'")
-    # Every layer of a Qwen2 model has the same spec, so this stage's slice is n copies.
+    # Every layer of a dense decoder has the same spec, so this stage's slice is n copies.
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(
-        layer_specs=[local_layer_spec(attention)] * n, layer_norm=RMSNorm
-    )
+    spec = local_layer_spec(attention, qk_layernorm=config.qk_layernorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
+
+
+decoder_block_spec = decoder_layer_spec
+"""The name training used before the one-spec-path change (kept while callers move over)."""

@@ -14,16 +14,15 @@ import logging
 
 import torch
 
-from sfmed.config.pretrain import PretrainConfig
-from sfmed.models.qwen2 import build_model, transformer_config
-from sfmed.models.specs import decoder_block_spec
+from sfmed.config.run import RunConfig
+from sfmed.models import build_model, decoder_layer_spec, transformer_config
 from sfmed.train.mcore_compat import fix_torch_adam_loading
 from sfmed.train.plan import TrainPlan
 
 log = logging.getLogger(__name__)
 
 
-def make_transformer_config(cfg: PretrainConfig, plan: TrainPlan):
+def make_transformer_config(cfg: RunConfig, plan: TrainPlan):
     """megatron-core ``TransformerConfig`` for this run (parallelism, precision, recompute)."""
     p, t = cfg.parallel, cfg.train
     cuda = plan.device == "cuda"
@@ -72,7 +71,7 @@ def make_transformer_config(cfg: PretrainConfig, plan: TrainPlan):
     return transformer_config(plan.arch, tp=p.tp, pp=p.pp, params_dtype=plan.params_dtype, **kw)
 
 
-def build_model_chunks(cfg: PretrainConfig, plan: TrainPlan, tf_config) -> list[torch.nn.Module]:
+def build_model_chunks(cfg: RunConfig, plan: TrainPlan, tf_config) -> list[torch.nn.Module]:
     """This rank's GPTModel chunk(s) (one per virtual pipeline stage), on the device."""
     from megatron.core import parallel_state as ps
 
@@ -86,9 +85,9 @@ def build_model_chunks(cfg: PretrainConfig, plan: TrainPlan, tf_config) -> list[
             tf_config,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            spec=decoder_block_spec(tf_config, plan.impl, plan.attention, vp_stage=vp_stage),
+            spec=decoder_layer_spec(tf_config, plan.impl, plan.attention, vp_stage=vp_stage),
             vp_stage=vp_stage,
-            max_sequence_length=max(cfg.data.seq_length, plan.arch.max_position_embeddings),
+            max_sequence_length=max(plan.seq_length, plan.arch.max_position_embeddings),
             make_vocab_size_divisible_by=1,
         )
         chunks.append(chunk)
@@ -100,7 +99,7 @@ def build_model_chunks(cfg: PretrainConfig, plan: TrainPlan, tf_config) -> list[
     return chunks
 
 
-def wrap_ddp(cfg: PretrainConfig, tf_config, chunks: list[torch.nn.Module]):
+def wrap_ddp(cfg: RunConfig, tf_config, chunks: list[torch.nn.Module]):
     """Wrap each chunk in megatron-core DDP (fp32 grad buffers, optional overlap)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -131,7 +130,7 @@ def wrap_ddp(cfg: PretrainConfig, tf_config, chunks: list[torch.nn.Module]):
     ]
 
 
-def build_optimizer(cfg: PretrainConfig, plan: TrainPlan, model: list):
+def build_optimizer(cfg: RunConfig, plan: TrainPlan, model: list):
     """AdamW (megatron-core optimizer, fp32 master weights) and its LR/WD schedule."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from sfmed.core import megatron_layout as layout
+from sfmed.core.ckpt_load import load_mcore_weights, model_key
 from sfmed.train.mcore_compat import prime_optimizer_state, unshare_adam_steps
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 3.0
 
 
-def model_key(i: int, n: int) -> str:
-    """Top-level key of model chunk ``i`` of ``n`` (Megatron-LM: model, or model0, model1...)."""
-    return "model" if n == 1 else f"model{i}"
-
-
-def _unwrap(chunk):
+def unwrap(chunk):
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
     from megatron.core.utils import unwrap_model
 
     return unwrap_model(chunk)
@@ -93,7 +90,7 @@ def _rng_sharded_object(cuda: bool):
 
 def _model_state(model: list, metadata: dict) -> dict:
     return {
-        model_key(i, len(model)): _unwrap(m).sharded_state_dict(metadata=metadata)
+        model_key(i, len(model)): unwrap(m).sharded_state_dict(metadata=metadata)
         for i, m in enumerate(model)
     }
 
@@ -101,30 +98,10 @@ def _model_state(model: list, metadata: dict) -> dict:
 def load_weights(model: list, ckpt_dir: str | Path) -> None:
     """Load only the model weights of a torch_dist checkpoint into ``model`` (any TP/PP/VPP).
 
-    Uses the conversion's ``sfmed.convert.load_mcore_weights`` when it is available; storage is
-    keyed by each ShardedTensor's global key, so chunk names (``model`` vs ``model0``) and the
-    saved TP/PP layout do not matter.
+    Storage is keyed by each ShardedTensor's global key, so chunk names (``model`` vs
+    ``model0``) and the saved TP/PP layout do not matter (:mod:`sfmed.core.ckpt_load`).
     """
-    chunks = [_unwrap(m) for m in model]
-    try:
-        from sfmed.convert import load_mcore_weights
-    except ImportError:
-        load_mcore_weights = None
-    if load_mcore_weights is not None:
-        load_mcore_weights(chunks, ckpt_dir)
-        return
-    from megatron.core import dist_checkpointing
-
-    request = {model_key(i, len(chunks)): c.sharded_state_dict() for i, c in enumerate(chunks)}
-    try:
-        loaded = dist_checkpointing.load(request, str(ckpt_dir))
-    except Exception as e:
-        raise RuntimeError(
-            f"cannot load model weights from {ckpt_dir}: {e}. Is it a checkpoint of this "
-            "model's architecture (model=..., model.hf_config=...)?"
-        ) from e
-    for i, c in enumerate(chunks):
-        c.load_state_dict(loaded[model_key(i, len(chunks))], strict=True)
+    load_mcore_weights([unwrap(m) for m in model], ckpt_dir)
 
 
 class Checkpointer:
@@ -277,7 +254,7 @@ class Checkpointer:
             request["rng_state"] = _rng_sharded_object(self.cuda)
         loaded = dist_checkpointing.load(request, str(ckpt_dir))
         for i, m in enumerate(self.model):
-            _unwrap(m).load_state_dict(loaded[model_key(i, len(self.model))], strict=True)
+            unwrap(m).load_state_dict(loaded[model_key(i, len(self.model))], strict=True)
         self.optimizer.load_state_dict(loaded["optimizer"])
         unshare_adam_steps(self.optimizer)
         self.scheduler.load_state_dict(loaded["opt_param_scheduler"])

@@ -1,75 +1,25 @@
-"""Pretraining data: megatron-core GPT datasets over indexed datasets, read in a resumable order.
+"""Reading a recipe's dataset in a resumable order, for every recipe.
 
-The datasets come from megatron-core's ``BlendedMegatronDatasetBuilder`` + ``GPTDataset`` (its
-document/sample/shuffle indices make the sample order a pure function of the seed, the blend and
-the number of samples). A run's data position is one number, ``consumed_samples``: sample ``i``
-of step ``k`` is ``k * global_batch_size + i``, so resuming — even at another data-parallel size —
-reads exactly the samples not yet seen, in the same order (Megatron-LM's pretraining sampler).
+A recipe's dataset is map-style with a fixed sample order (e.g. megatron-core's ``GPTDataset``,
+whose order is a pure function of the seed, the blend and the number of samples). A run's data
+position is then one number, ``consumed_samples``: sample ``i`` of step ``k`` is
+``k * global_batch_size + i``, so resuming — even at another data-parallel size — reads exactly
+the samples not yet seen, in the same order (Megatron-LM's pretraining sampler).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from sfmed.config.pretrain import PretrainConfig
-from sfmed.train.plan import TrainPlan
+if TYPE_CHECKING:
+    from sfmed.config.run import RunConfig
+    from sfmed.train.plan import TrainPlan
 
 log = logging.getLogger(__name__)
-
-
-class TokenIds:
-    """What ``GPTDatasetConfig.tokenizer`` is asked for when samples are already token ids.
-
-    megatron-core reads only ``vocab_size`` and ``eod`` (and tries ``pad``: absent, so nothing is
-    masked as padding — Qwen2's pad id equals its EOD id, which must stay in the loss).
-    """
-
-    def __init__(self, vocab_size: int, eod: int | None):
-        self.vocab_size = vocab_size
-        self.eod = -1 if eod is None else eod
-        self.unique_identifiers = {"class": "sfmed.TokenIds", "vocab_size": vocab_size}
-
-
-def build_datasets(cfg: PretrainConfig, plan: TrainPlan):
-    """(train, valid) megatron-core datasets sized for the whole run (call on every rank)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    d, t = cfg.data, cfg.train
-    train_samples = t.steps * t.global_batch_size
-    n_evals = t.steps // t.eval_interval + 1 if t.eval_interval else 0
-    valid_samples = n_evals * t.eval_iters * t.global_batch_size if n_evals else None
-    cache = Path(d.cache_dir) if d.cache_dir else plan.run_dir / "data_cache"
-    gcfg = GPTDatasetConfig(
-        random_seed=t.seed,
-        sequence_length=d.seq_length,
-        blend=(plan.data_prefixes, plan.data_weights),
-        split=str(d.split).replace("/", ","),
-        path_to_cache=str(cache),
-        tokenizer=TokenIds(plan.arch.vocab_size, plan.eod_id),
-        reset_position_ids=d.reset_position_ids,
-        reset_attention_mask=d.reset_attention_mask,
-        eod_mask_loss=d.eod_mask_loss,
-        # Causal attention needs no mask tensor: the kernels build it (saves s×s per sample).
-        create_attention_mask=False,
-        mmap_bin_files=True,
-    )
-    sizes = [train_samples, valid_samples if valid_samples else 0, 0]
-    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: True, gcfg
-    ).build()
-    if train_ds is None or len(train_ds) < train_samples:
-        raise RuntimeError(
-            f"the training split holds {0 if train_ds is None else len(train_ds)} samples but "
-            f"{train_samples} are needed; check data.split={d.split!r}"
-        )
-    return train_ds, (valid_ds if n_evals else None)
 
 
 class PretrainingSampler:
@@ -95,7 +45,9 @@ class PretrainingSampler:
             yield list(range(first + start, first + start + self.mbs))
 
 
-def make_loader(dataset, consumed: int, cfg: PretrainConfig, plan: TrainPlan, total: int | None):
+def make_loader(
+    dataset, consumed: int, cfg: RunConfig, plan: TrainPlan, total: int | None, num_workers: int = 0
+):
     """A DataLoader over ``dataset`` from ``consumed`` for this data-parallel rank."""
     from megatron.core import parallel_state as ps
 
@@ -106,7 +58,7 @@ def make_loader(dataset, consumed: int, cfg: PretrainConfig, plan: TrainPlan, to
         dp_rank=ps.get_data_parallel_rank(),
         dp=plan.dp,
     )
-    workers = cfg.data.num_workers
+    workers = num_workers
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -126,9 +78,13 @@ def needs_data(chunk) -> bool:
     )
 
 
-def chunk_iterators(dataset, consumed: int, cfg, plan, model: list, total=None) -> list:
+def chunk_iterators(
+    dataset, consumed: int, cfg, plan, model: list, total=None, num_workers: int = 0
+) -> list:
     """One iterator per model chunk (``None`` for chunks that need no data)."""
     return [
-        iter(make_loader(dataset, consumed, cfg, plan, total)) if needs_data(m) else None
+        iter(make_loader(dataset, consumed, cfg, plan, total, num_workers))
+        if needs_data(m)
+        else None
         for m in model
     ]

@@ -1,8 +1,9 @@
 """The training loop: steps through megatron-core's pipeline schedules, guard, logs, saves, exits.
 
 One step = zero the DDP grad buffers → ``forward_backward_func`` over all micro-batches (1F1B,
-interleaved with virtual stages) → all-reduce the (loss sum, token count) → loss guard →
-LR schedule + optimizer step. Every rank leaves the loop at the same step: exit signals and the
+interleaved with virtual stages) → sum the recipe's reports over the global batch → the recipe
+turns them into the step's loss, token counts and metrics → loss guard → LR schedule + optimizer
+step. Every rank leaves the loop at the same step: exit signals and the
 wall-clock limit are all-reduced at each step boundary.
 """
 
@@ -63,18 +64,37 @@ def _device_tensor(values, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
-def reduce_loss(losses: list[dict], device) -> tuple[float, float]:
-    """Global (loss sum, token count) of a step, identical on every rank."""
+def reduce_reports(losses: list[dict], widths: dict[str, int], device) -> dict[str, list[float]]:
+    """Every report of a step summed over micro-batches and ranks, identical on every rank.
+
+    ``losses`` holds what the loss functions returned (last pipeline stage only; empty
+    elsewhere); ``widths`` is the recipe's ``reports`` (name -> tensor width), which fixes the
+    layout of the one all-reduce. Sums are float64.
+    """
     from megatron.core import parallel_state as ps
 
-    t = _device_tensor([0.0, 0.0], device)
+    names = list(widths)
+    t = torch.zeros(sum(widths.values()), dtype=torch.float64, device=device)
     if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
-        t += torch.stack([d["lm loss"].double() for d in losses]).sum(0).to(device)
+        unknown = set().union(*(d.keys() for d in losses)) - set(names)
+        if unknown:
+            raise RuntimeError(
+                f"the loss function reported {sorted(unknown)}, which the recipe's reports "
+                f"({names}) do not declare"
+            )
+        parts = [
+            torch.stack([d[n].double().view(-1) for d in losses]).sum(0).to(device) for n in names
+        ]
+        t += torch.cat(parts)
         # TP ranks of the last stage hold the same numbers: count them once.
         if ps.get_tensor_model_parallel_rank() != 0:
             t.zero_()
     dist.all_reduce(t)
-    return float(t[0]), float(t[1])
+    out, i = {}, 0
+    for n in names:
+        out[n] = [float(v) for v in t[i : i + widths[n]]]
+        i += widths[n]
+    return out
 
 
 def should_exit(signals: ExitSignals | None, deadline: float | None, device) -> str | None:
@@ -96,9 +116,26 @@ class StepResult:
 
     loss: float
     tokens: float
+    """Tokens the loss averages over."""
     grad_norm: float | None
     applied: bool
     reason: str = ""
+    throughput_tokens: float = 0.0
+    """Tokens processed (the recipe's count for tokens/s and MFU)."""
+    metrics: dict = field(default_factory=dict)
+    """The recipe's further numbers."""
+
+
+def _forward_backward(ctx, data_iterators, forward_only: bool):
+    return ctx.forward_backward(
+        forward_step_func=ctx.forward_step,
+        data_iterator=data_iterators if len(ctx.model) > 1 else data_iterators[0],
+        model=ctx.model,
+        num_microbatches=ctx.plan.num_microbatches,
+        seq_length=ctx.plan.seq_length,
+        micro_batch_size=ctx.cfg.train.micro_batch_size,
+        forward_only=forward_only,
+    )
 
 
 def train_step(ctx, data_iterators) -> StepResult:
@@ -106,23 +143,16 @@ def train_step(ctx, data_iterators) -> StepResult:
     for m in ctx.model:
         m.zero_grad_buffer()
     ctx.optimizer.zero_grad()
-    losses = ctx.forward_backward(
-        forward_step_func=ctx.forward_step,
-        data_iterator=data_iterators if len(ctx.model) > 1 else data_iterators[0],
-        model=ctx.model,
-        num_microbatches=ctx.plan.num_microbatches,
-        seq_length=ctx.seq_length,
-        micro_batch_size=ctx.micro_batch_size,
-        forward_only=False,
-    )
-    loss_sum, tokens = reduce_loss(losses, ctx.device)
-    loss = loss_sum / max(tokens, 1.0)
+    losses = _forward_backward(ctx, data_iterators, forward_only=False)
+    rep = ctx.recipe.summarize(reduce_reports(losses, ctx.recipe.reports, ctx.device))
+    loss, tokens = rep.loss, rep.loss_tokens
+    done = {"throughput_tokens": rep.tokens, "metrics": rep.metrics}
     verdict = ctx.guard.check(loss)
     if verdict.action == "stop":
         raise TrainingStopped(f"stopping the run: {verdict.reason}")
     if verdict.action == "skip":
         log.warning("skipping the update of step %d: %s", ctx.state.iteration + 1, verdict.reason)
-        return StepResult(loss, tokens, None, False, verdict.reason)
+        return StepResult(loss, tokens, None, False, verdict.reason, **done)
     # The LR of step k is the schedule's value at k (Megatron-LM steps it after the update,
     # which makes the first warmup step use lr=0).
     ctx.scheduler.step(increment=1)
@@ -135,35 +165,26 @@ def train_step(ctx, data_iterators) -> StepResult:
         )
     if not ok:  # fp16 loss-scale overflow: megatron skipped the update itself
         ctx.guard.skipped_total += 1
-        return StepResult(loss, tokens, None, False, "fp16 overflow")
+        return StepResult(loss, tokens, None, False, "fp16 overflow", **done)
     ctx.guard.accept(loss)
-    return StepResult(loss, tokens, None if grad_norm is None else float(grad_norm), True)
+    gn = None if grad_norm is None else float(grad_norm)
+    return StepResult(loss, tokens, gn, True, **done)
 
 
-def evaluate(ctx, valid_dataset) -> float:
-    """Mean per-token validation loss over ``train.eval_iters`` global batches."""
-    from sfmed.train.data import chunk_iterators
-
+def evaluate(ctx, valid_dataset):
+    """The recipe's report over ``train.eval_iters`` global batches of ``valid_dataset``."""
     for m in ctx.model:
         m.eval()
-    iters = chunk_iterators(valid_dataset, 0, ctx.cfg, ctx.plan, ctx.model)
-    total, count = 0.0, 0.0
+    iters = ctx.recipe.iterators(valid_dataset, 0, ctx.plan, ctx.model)
+    totals = {n: [0.0] * w for n, w in ctx.recipe.reports.items()}
     with torch.no_grad():
         for _ in range(ctx.cfg.train.eval_iters):
-            losses = ctx.forward_backward(
-                forward_step_func=ctx.forward_step,
-                data_iterator=iters if len(ctx.model) > 1 else iters[0],
-                model=ctx.model,
-                num_microbatches=ctx.plan.num_microbatches,
-                seq_length=ctx.seq_length,
-                micro_batch_size=ctx.micro_batch_size,
-                forward_only=True,
-            )
-            s, c = reduce_loss(losses, ctx.device)
-            total, count = total + s, count + c
+            losses = _forward_backward(ctx, iters, forward_only=True)
+            for n, v in reduce_reports(losses, ctx.recipe.reports, ctx.device).items():
+                totals[n] = [a + b for a, b in zip(totals[n], v, strict=True)]
     for m in ctx.model:
         m.train()
-    return total / max(count, 1.0)
+    return ctx.recipe.summarize(totals)
 
 
 def run_loop(ctx, train_iters, valid_dataset, signals: ExitSignals | None) -> str:
@@ -174,7 +195,7 @@ def run_loop(ctx, train_iters, valid_dataset, signals: ExitSignals | None) -> st
         ctx.start_time + 60 * t_cfg.exit_duration_minutes if t_cfg.exit_duration_minutes else None
     )
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
-    gbs, seq = t_cfg.global_batch_size, ctx.seq_length
+    gbs = t_cfg.global_batch_size
     window_start, window_steps, window_tokens, paused = time.perf_counter(), 0, 0, 0.0
     while st.iteration < t_cfg.steps:
         reason = should_exit(signals, deadline, ctx.device)
@@ -187,7 +208,7 @@ def run_loop(ctx, train_iters, valid_dataset, signals: ExitSignals | None) -> st
         st.consumed_samples += gbs
         st.skipped_steps = ctx.guard.skipped_total
         window_steps += 1
-        window_tokens += gbs * seq
+        window_tokens += res.throughput_tokens
         if st.iteration % cfg.logging.interval == 0 or st.iteration == t_cfg.steps:
             if ctx.plan.device == "cuda":
                 torch.cuda.synchronize()

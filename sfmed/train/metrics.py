@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from sfmed.core.atomic import atomic_file
-from sfmed.models.qwen2 import Qwen2Arch
+from sfmed.models import ModelArch
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ _PEAKS = (
 )
 
 
-def matmul_params(arch: Qwen2Arch, vocab: int) -> int:
+def matmul_params(arch: ModelArch, vocab: int) -> int:
     """Parameters that take part in matmuls (per-token FLOPs = 2 × this in the forward)."""
     h, q = arch.hidden_size, arch.num_attention_heads * arch.kv_channels
     kv = arch.num_query_groups * arch.kv_channels
@@ -47,7 +47,7 @@ def matmul_params(arch: Qwen2Arch, vocab: int) -> int:
     return arch.num_layers * per_layer + h * vocab
 
 
-def flops_per_token(arch: Qwen2Arch, seq_length: int, vocab: int, causal: bool = False) -> float:
+def flops_per_token(arch: ModelArch, seq_length: int, vocab: int, causal: bool = False) -> float:
     """Training FLOPs per token (forward + backward), full or causal attention convention."""
     q = arch.num_attention_heads * arch.kv_channels
     attn = (6 if causal else 12) * arch.num_layers * seq_length * q

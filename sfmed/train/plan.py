@@ -1,56 +1,52 @@
-"""Check a pretraining config against the world it will run in, before any work starts.
+"""Check a run config against the world it will run in, before any work starts.
 
 :func:`make_plan` resolves everything that can be decided without a process group — device,
 precision, layer spec, data-parallel size, micro-batches, vocabulary padding, which checkpoint to
-resume from or initialise from, the data blend — and raises :class:`ConfigError` naming the value
-and the fix for every combination that cannot work. It reads only small files (checkpoint
-metadata, dataset headers); the result is the :class:`TrainPlan` the trainer follows.
+resume from or initialise from — and asks the recipe to check and resolve its own settings (the
+data). It raises :class:`ConfigError` naming the value and the fix for every combination that
+cannot work, and reads only small files (checkpoint metadata, dataset headers); the result is
+the :class:`TrainPlan` the trainer follows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from sfmed.config.pretrain import PretrainConfig
+from sfmed.config.run import RunConfig
 from sfmed.core import megatron_layout as layout
+from sfmed.core.dtypes import torch_dtype
 from sfmed.core.errors import ConfigError
-from sfmed.models.qwen2 import Qwen2Arch, arch_to_dict, checkpoint_vocab_size
-from sfmed.models.qwen2 import validate_parallel as validate_model_split
-from sfmed.models.specs import flash_attn_available, te_available
+from sfmed.core.parallel import validate_parallel, validate_parallel_sizes, validate_vpp
+from sfmed.models import (
+    ModelArch,
+    arch_from_dict,
+    checkpoint_vocab_size,
+    flash_attn_available,
+    te_available,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from sfmed.recipes.base import Recipe
 
 log = logging.getLogger(__name__)
 
-# Fields whose mismatch makes a checkpoint unusable for the configured model (shape or maths).
-_ARCH_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "vocab_size",
-    "tie_word_embeddings",
-    "rms_norm_eps",
-    "rope_theta",
-)
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-    "fp8": torch.bfloat16,
-}
+# ModelArch fields that may differ between a checkpoint and the configured model: the storage
+# dtype, and the position limit (RoPE has no position table; only the sequence length matters).
+_ARCH_FREE_FIELDS = ("torch_dtype", "max_position_embeddings", "extra")
 
 
 @dataclass
 class TrainPlan:
     """Everything the trainer needs that follows from the config and the world size."""
 
-    arch: Qwen2Arch
+    arch: ModelArch
     world_size: int
     dp: int
     num_microbatches: int
@@ -61,20 +57,23 @@ class TrainPlan:
     padded_vocab_size: int
     sequence_parallel: bool
     run_dir: Path
+    seq_length: int = 0
     resume_from: Path | None = None
     init_from: Path | None = None
     ckpt_meta: dict = field(default_factory=dict)
     reshard: bool = False
-    data_prefixes: list[str] = field(default_factory=list)
-    data_weights: list[float] | None = None
-    eod_id: int | None = None
     decay_steps: int = 0
     vpp: int | None = None
+    kind: str = ""
+    """The recipe's checkpoint kind."""
+    recipe: Any = None
+    """What the recipe resolved for its own settings (``Recipe.resolve``)."""
 
     @property
     def params_dtype(self) -> torch.dtype:
         """dtype of the model parameters (optimizer master weights are always fp32)."""
-        return _DTYPES[self.precision]
+        # FP8 runs keep bf16 parameters; Transformer Engine casts the GEMM inputs.
+        return torch_dtype("bf16" if self.precision == "fp8" else self.precision)
 
     def describe(self) -> str:
         """One-line summary for the log."""
@@ -86,7 +85,8 @@ class TrainPlan:
             else "random init"
         )
         return (
-            f"world={self.world_size} dp={self.dp} micro-batches={self.num_microbatches} "
+            f"{self.kind}: world={self.world_size} dp={self.dp} "
+            f"micro-batches={self.num_microbatches} seq={self.seq_length} "
             f"device={self.device} precision={self.precision} impl={self.impl} "
             f"attention={self.attention} padded_vocab={self.padded_vocab_size} "
             f"sp={self.sequence_parallel} {src}"
@@ -106,7 +106,7 @@ def _resolve_device(device: str) -> str:
         raise ConfigError(str(e)) from None
 
 
-def _resolve_impl(cfg: PretrainConfig, device: str, precision: str) -> tuple[str, str]:
+def _resolve_impl(cfg: RunConfig, device: str, precision: str) -> tuple[str, str]:
     impl = cfg.model.transformer_impl
     if impl == "auto":
         impl = "transformer_engine" if device == "cuda" and te_available() else "local"
@@ -140,7 +140,7 @@ def _resolve_impl(cfg: PretrainConfig, device: str, precision: str) -> tuple[str
     return impl, attention
 
 
-def _resolve_precision(cfg: PretrainConfig, device: str) -> str:
+def _resolve_precision(cfg: RunConfig, device: str) -> str:
     p = cfg.train.precision
     if p == "auto":
         p = "bf16" if device == "cuda" else "fp32"
@@ -152,6 +152,8 @@ def _resolve_precision(cfg: PretrainConfig, device: str) -> str:
                 "train.precision=fp8 needs Transformer Engine (pip install "
                 "'transformer-engine[pytorch]'); use train.precision=bf16 without it"
             )
+        import torch
+
         major, minor = torch.cuda.get_device_capability()
         cc = 10 * major + minor
         if cc < 89:
@@ -172,15 +174,15 @@ def _resolve_precision(cfg: PretrainConfig, device: str) -> str:
     return p
 
 
-def _check_arch_matches(arch: Qwen2Arch, meta: dict, where: Path, what: str) -> None:
-    ckpt_arch = meta.get("arch")
-    if not ckpt_arch:
+def _check_arch_matches(arch: ModelArch, meta: dict, where: Path, what: str) -> None:
+    if not meta.get("arch"):
         return
-    mine = arch_to_dict(arch)
+    # Metadata written before model families existed reads as its family's defaults.
+    ckpt = arch_from_dict(meta["arch"])
     diff = [
-        f"{k}: checkpoint {ckpt_arch.get(k)!r} vs model {mine.get(k)!r}"
-        for k in _ARCH_FIELDS
-        if k in ckpt_arch and ckpt_arch.get(k) != mine.get(k)
+        f"{f.name}: checkpoint {getattr(ckpt, f.name)!r} vs model {getattr(arch, f.name)!r}"
+        for f in dataclasses.fields(ModelArch)
+        if f.name not in _ARCH_FREE_FIELDS and getattr(ckpt, f.name) != getattr(arch, f.name)
     ]
     if diff:
         raise ConfigError(
@@ -192,7 +194,7 @@ def _check_arch_matches(arch: Qwen2Arch, meta: dict, where: Path, what: str) -> 
         )
 
 
-def _find_checkpoints(cfg: PretrainConfig, run_dir: Path) -> tuple[Path | None, Path | None]:
+def _find_checkpoints(cfg: RunConfig, run_dir: Path) -> tuple[Path | None, Path | None]:
     """(resume_from, init_from) iteration folders."""
     has_own = (run_dir / layout.TRACKER).is_file()
     resume_from = None
@@ -222,83 +224,14 @@ def _find_checkpoints(cfg: PretrainConfig, run_dir: Path) -> tuple[Path | None, 
     return resume_from, init_from
 
 
-def _resolve_data(cfg: PretrainConfig) -> tuple[list[str], list[float] | None, int | None]:
-    d = cfg.data
-    if d.prefix is None and not d.blend:
-        raise ConfigError(
-            "no training data: set data.prefix=<path without .bin/.idx> or data.blend="
-            "[{prefix: ..., weight: ...}, ...] (make indexed datasets with launch/preprocess.py)"
-        )
-    if d.prefix is not None:
-        prefix = str(d.prefix)
-        if prefix.endswith((".bin", ".idx")):
-            raise ConfigError(
-                f"data.prefix={prefix} ends in {prefix[-4:]}; give the prefix without the extension"
-            )
-        missing = [p for p in (prefix + ".bin", prefix + ".idx") if not Path(p).is_file()]
-        if missing:
-            raise ConfigError(
-                f"data.prefix={prefix}: {' and '.join(missing)} not found; fix the path or create "
-                "the dataset with python launch/preprocess.py"
-            )
-        prefixes, weights = [os.path.abspath(prefix)], None
-    else:
-        from sfmed.data.blend import BlendError, resolve_blend
-
-        try:
-            prefixes, weights = resolve_blend(
-                [dict(e) for e in d.blend],
-                tokenizer=d.tokenizer,
-                groups=dict(d.groups) if d.groups else None,
-                require_metadata=d.require_metadata,
-            )
-        except BlendError as e:
-            raise ConfigError(f"data.blend: {e}") from None
-    eod = d.eod_id
-    if eod is None:
-        from sfmed.data.metadata import read_sidecar
-
-        try:
-            meta = read_sidecar(prefixes[0]) or {}
-        except ValueError:
-            meta = {}
-        eod = (meta.get("tokenizer") or {}).get("eod_id")
-    if eod is None and d.tokenizer:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(d.tokenizer)
-        eod = (
-            tok.convert_tokens_to_ids("<|endoftext|>")
-            if "<|endoftext|>" in tok.get_vocab()
-            else tok.eos_token_id
-        )
-    if eod is None and (d.reset_position_ids or d.eod_mask_loss):
-        raise ConfigError(
-            "data.reset_position_ids / data.eod_mask_loss need the end-of-document id: set "
-            "data.eod_id=<id> or data.tokenizer=<tokenizer folder>"
-        )
-    return prefixes, weights, eod
-
-
-def make_plan(cfg: PretrainConfig, world_size: int | None = None) -> TrainPlan:
-    """Validate ``cfg`` for ``world_size`` processes (default: $WORLD_SIZE) and resolve it."""
+def make_plan(cfg: RunConfig, recipe: Recipe, world_size: int | None = None) -> TrainPlan:
+    """Validate ``cfg`` for ``world_size`` processes (default: $WORLD_SIZE) and resolve it,
+    with ``recipe`` checking and resolving its own settings."""
     p, t = cfg.parallel, cfg.train
     world = _world_size(world_size)
     arch = cfg.model.arch()
-    validate_model_split(arch, p.tp, p.pp)  # before the world size: the more useful message
-    if world % p.model_parallel_size:
-        raise ConfigError(
-            f"world size {world} is not divisible by parallel.tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = "
-            f"{p.model_parallel_size}; launch a multiple of {p.model_parallel_size} processes "
-            "(torchrun --nproc_per_node) or change the parallel sizes"
-        )
-    dp = world // p.model_parallel_size
-    vpp = p.vpp if p.vpp and p.vpp > 1 else None
-    if vpp and arch.num_layers % (p.pp * vpp):
-        raise ConfigError(
-            f"parallel.pp*vpp = {p.pp}*{vpp} does not divide num_layers={arch.num_layers}; "
-            "choose vpp so that every virtual stage gets the same number of layers"
-        )
+    validate_parallel(arch, p.tp, p.pp)  # before the world size: the more useful message
+    dp = validate_parallel_sizes(world, p.tp, p.pp, p.cp)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
@@ -306,20 +239,15 @@ def make_plan(cfg: PretrainConfig, world_size: int | None = None) -> TrainPlan:
             f"{t.micro_batch_size * dp}; use a multiple of {t.micro_batch_size * dp}"
         )
     nmb = t.global_batch_size // (t.micro_batch_size * dp)
-    if vpp and nmb % p.pp:
-        raise ConfigError(
-            f"parallel.vpp={vpp}: the interleaved schedule needs the number of micro-batches "
-            f"({nmb} = global_batch_size / (micro_batch_size × dp)) to be a multiple of "
-            f"parallel.pp={p.pp}; raise train.global_batch_size"
-        )
-    seq = cfg.data.seq_length
+    vpp = validate_vpp(arch.num_layers, p.pp, p.vpp, nmb)
+    seq, seq_key = recipe.seq_length(), recipe.seq_length_setting
     sp = p.sequence_parallel
     if sp and p.tp == 1:
         log.warning("parallel.sequence_parallel=true has no effect with tp=1; turning it off")
         sp = False
     if sp and seq % p.tp:
         raise ConfigError(
-            f"data.seq_length={seq} is not divisible by parallel.tp={p.tp} "
+            f"{seq_key}={seq} is not divisible by parallel.tp={p.tp} "
             "(sequence parallelism splits the sequence over TP ranks)"
         )
     device = _resolve_device(cfg.device)
@@ -332,12 +260,13 @@ def make_plan(cfg: PretrainConfig, world_size: int | None = None) -> TrainPlan:
                 "(model.transformer_impl=transformer_engine); set parallel.cp=1"
             )
         if seq % (2 * p.cp):
-            raise ConfigError(f"data.seq_length={seq} must be divisible by 2 × parallel.cp")
+            raise ConfigError(f"{seq_key}={seq} must be divisible by 2 × parallel.cp")
     if precision == "fp8" and impl != "transformer_engine":
         raise ConfigError("train.precision=fp8 needs model.transformer_impl=transformer_engine")
     if seq > arch.max_position_embeddings:
         log.warning(
-            "data.seq_length=%d exceeds max_position_embeddings=%d of the model",
+            "%s=%d exceeds max_position_embeddings=%d of the model",
+            seq_key,
             seq,
             arch.max_position_embeddings,
         )
@@ -346,11 +275,6 @@ def make_plan(cfg: PretrainConfig, world_size: int | None = None) -> TrainPlan:
         raise ConfigError(
             f"optim.warmup_steps={cfg.optim.warmup_steps} must be smaller than the decay "
             f"horizon optim.decay_steps={decay_steps} (default: train.steps)"
-        )
-    if t.eval_interval and float(str(cfg.data.split).replace("/", ",").split(",")[1]) == 0:
-        raise ConfigError(
-            f"train.eval_interval={t.eval_interval} but data.split={cfg.data.split!r} has no "
-            "validation part; use e.g. data.split=98,2,0 or train.eval_interval=0"
         )
 
     run_dir = Path(cfg.ckpt_dir)
@@ -361,6 +285,8 @@ def make_plan(cfg: PretrainConfig, world_size: int | None = None) -> TrainPlan:
     meta = layout.read_meta(src) if src else {}
     if src is not None:
         _check_arch_matches(arch, meta, src, "resume" if resume_from else "init_from")
+    if resume_from is not None:
+        recipe.check_resume(meta, resume_from)
     # A loaded checkpoint's padding wins (the embedding keeps its shape); a fresh run pads as
     # the conversion does, so its checkpoints load at every TP up to 8.
     padded = meta.get("padded_vocab_size") or checkpoint_vocab_size(
@@ -383,7 +309,6 @@ def make_plan(cfg: PretrainConfig, world_size: int | None = None) -> TrainPlan:
             f"tp={p.tp} pp={p.pp}. Resume with the original tp/pp, or start a new run with "
             "init_from=<that checkpoint> (weights only)"
         )
-    prefixes, weights, eod = _resolve_data(cfg)
     plan = TrainPlan(
         arch=arch,
         world_size=world,
@@ -396,14 +321,14 @@ def make_plan(cfg: PretrainConfig, world_size: int | None = None) -> TrainPlan:
         padded_vocab_size=int(padded),
         sequence_parallel=sp,
         run_dir=run_dir,
+        seq_length=seq,
         resume_from=resume_from,
         init_from=init_from,
         ckpt_meta=meta,
         reshard=reshard,
-        data_prefixes=prefixes,
-        data_weights=weights,
-        eod_id=eod,
         decay_steps=decay_steps,
         vpp=vpp,
+        kind=recipe.kind,
     )
+    plan.recipe = recipe.resolve(plan)
     return plan

@@ -61,11 +61,10 @@ def shape_for(scale: float, layers: int | None) -> dict:
 def make_checkpoint(out: Path, shape: dict, seed: int = 0) -> int:
     """Write a random bf16 HF Qwen2 folder tensor by tensor (4 GB shards, like Qwen's)."""
     from sfmed.convert import keymap as km
-    from sfmed.convert import tensors as T
     from sfmed.convert.hf_io import SafetensorsWriter
-    from sfmed.models.qwen2 import Qwen2Arch, hf_config_dict
+    from sfmed.models import ModelArch, get_family
 
-    arch = Qwen2Arch(
+    arch = ModelArch(
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
         rope_theta=1_000_000.0,
@@ -75,7 +74,7 @@ def make_checkpoint(out: Path, shape: dict, seed: int = 0) -> int:
     specs = [
         (name, shp, torch.bfloat16)
         for m, layer in km.conversion_order(arch)
-        for name, shp in zip(m.hf_names(layer), T.hf_shapes(m, arch))
+        for name, shp in zip(m.hf_names(layer), m.hf_shapes(arch))
     ]
     out.mkdir(parents=True)
     writer = SafetensorsWriter(out, specs, 4 * 10**9)
@@ -86,7 +85,9 @@ def make_checkpoint(out: Path, shape: dict, seed: int = 0) -> int:
             n = min(rows, shp[0] - start)
             writer.write(name, torch.randn((n, *shp[1:]), generator=g).mul_(0.02).to(dtype))
     writer.close()
-    (out / "config.json").write_text(json.dumps(hf_config_dict(arch, "bfloat16"), indent=2))
+    (out / "config.json").write_text(
+        json.dumps(get_family("qwen2").hf_config_dict(arch, "bfloat16"), indent=2)
+    )
     return writer.total_bytes
 
 

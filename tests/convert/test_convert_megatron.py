@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,16 @@ import torch
 from conftest import REPO, parse_result
 from sfmed.convert import convert_hf_to_mcore, convert_mcore_to_hf
 from sfmed.convert.verify import compare_logits, hf_logits, make_tokens
+from sfmed.core.ports import free_port
 from sfmed.core.torch_dist import TorchDistReader
 
 HERE = Path(__file__).parent
+OLD_FIXTURE = HERE.parent / "fixtures" / "convert_v0"
 pytestmark = pytest.mark.dist
 
 
 def _run_torchrun(script: Path, *args, nproc: int, timeout: int = 600) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [
@@ -78,6 +77,15 @@ def megatron_run(tmp_path_factory):
         ],
         "vpp": {"ckpt": str(tmp / "gqa_tp1"), "root": str(tmp / "trained_vpp")},
     }
+    # A checkpoint written before model families existed (TP=2, PP=1, bf16): loaded at PP=2.
+    torch.save(make_tokens(100, 2, 16, seed=6), tmp / "v0_tokens.pt")
+    spec["logits"].append(
+        {
+            "ckpt": str(OLD_FIXTURE / "mcore"),
+            "out": str(tmp / "v0_fixture.logits.pt"),
+            "tokens": str(tmp / "v0_tokens.pt"),
+        }
+    )
     (tmp / "spec.json").write_text(json.dumps(spec))
     out = _run_torchrun(HERE / "worker_load.py", tmp / "spec.json", nproc=4)
     return {
@@ -116,6 +124,17 @@ def test_megatron_logits_match_transformers(megatron_run, name):
     src = r["mha"] if name.startswith("mha") else r["gqa"]
     ref = hf_logits(src, r["tokens"], torch.float32, "cpu")
     got = torch.load(r["tmp"] / f"{name}.logits.pt", weights_only=True)
+    cmp = compare_logits(ref, got)
+    assert cmp.max_abs_diff <= 1e-4, cmp.line()
+    assert torch.equal(ref.argmax(-1), got.argmax(-1)), cmp.line()
+
+
+def test_old_format_checkpoint_loads_into_megatron(megatron_run):
+    """The pre-family fixture (stored TP=2 x PP=1) loads at TP=2 x PP=2 and gives transformers'
+    logits (its bf16 weights computed in fp32 on both sides)."""
+    tokens = torch.load(megatron_run["tmp"] / "v0_tokens.pt", weights_only=True)
+    ref = hf_logits(OLD_FIXTURE / "hf", tokens, torch.float32, "cpu")
+    got = torch.load(megatron_run["tmp"] / "v0_fixture.logits.pt", weights_only=True)
     cmp = compare_logits(ref, got)
     assert cmp.max_abs_diff <= 1e-4, cmp.line()
     assert torch.equal(ref.argmax(-1), got.argmax(-1)), cmp.line()

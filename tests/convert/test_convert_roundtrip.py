@@ -12,11 +12,12 @@ import torch
 
 from sfmed.convert import checkpoint_arch, convert_hf_to_mcore, convert_mcore_to_hf
 from sfmed.convert import keymap as km
-from sfmed.convert import tensors as T
 from sfmed.convert.quickstart import compare_hf_folders
 from sfmed.core import megatron_layout as layout
-from sfmed.core.torch_dist import TorchDistReader
-from sfmed.models.qwen2 import checkpoint_vocab_size, padded_vocab_size
+from sfmed.core.torch_dist import TorchDistReader, owned_copy
+from sfmed.models import checkpoint_vocab_size, get_family, padded_vocab_size
+from sfmed.models import mapping as T
+from sfmed.models.families.qwen2 import HF_EMBED, HF_LM_HEAD
 
 VARIANTS = {
     "untied_gqa": dict(tie_word_embeddings=False, num_kv_heads=4),  # 4 KV heads: TP=4 fits
@@ -48,7 +49,7 @@ def test_round_trip_bit_exact_over_tp_pp(tiny_qwen2_factory, tmp_path, variant):
             assert compare_hf_folders(hf, back) == [], (variant, tp, pp)
             assert (back / "config.json").read_bytes() == (hf / "config.json").read_bytes()
             if variant.startswith("tied"):
-                assert km.HF_LM_HEAD not in _tensors(back)
+                assert HF_LM_HEAD not in _tensors(back)
             files = sorted(p.name for p in (ck / "release").glob("*.distcp"))
             assert files == [f"__{r}_0.distcp" for r in range(tp * pp)], files
 
@@ -78,7 +79,7 @@ def test_stored_layout(tiny_qwen2_factory, tmp_path):
     assert torch.equal(fc1[128:], src["model.layers.3.mlp.up_proj.weight"])
     emb = r.read(km.EMBED, (0, 0), r.shape(km.EMBED))
     assert r.shape(km.EMBED) == (1024, h)
-    assert torch.equal(emb[:1000], src[km.HF_EMBED])
+    assert torch.equal(emb[:1000], src[HF_EMBED])
     assert not emb[1000:].any()
     assert r.shape(km.QKV_NORM) == (4, h) and r.shape(km.FC2_W) == (4, h, 128)
     # the chunk grid megatron-core uses at TP=2: fc1 is a gate block plus an up block per rank
@@ -160,18 +161,18 @@ def test_pure_tensor_functions_invert():
     assert all(torch.equal(a, b) for a, b in zip(T.split_qkv(fused, 8, 2), (q, k, v)))
     g, u = torch.randn(6, 3), torch.randn(6, 3)
     assert all(torch.equal(a, b) for a, b in zip(T.split_gate_up(T.fuse_gate_up(g, u)), (g, u)))
-    assert T.tp_chunks(km.COLS, (4, 8), 2, 1) == [((0, 4), (4, 4))]
-    assert T.tp_chunks(km.REPLICATED, (4,), 2, 1) == []
+    assert T.SplitCols("w", ("w",)).tp_regions((4, 8), 2, 1) == [((0, 4), (4, 4))]
+    assert T.Replicated("n", ("n",)).tp_regions((4,), 2, 1) == []
     view = torch.arange(10.0)[2:5]
-    owned = T.owned_copy(view)
+    owned = owned_copy(view)
     assert owned.untyped_storage().nbytes() == 12 and torch.equal(owned, view)
 
 
 def test_tp_blocks_equal_blocks_of_fused_tensor():
     """The copy-saving block builder agrees with slicing the fused global tensor."""
-    from sfmed.models.qwen2 import Qwen2Arch
+    from sfmed.models import ModelArch
 
-    arch = Qwen2Arch(
+    arch = ModelArch(
         num_layers=1,
         hidden_size=32,
         ffn_hidden_size=48,
@@ -184,13 +185,13 @@ def test_tp_blocks_equal_blocks_of_fused_tensor():
         tie_word_embeddings=False,
         kv_channels=4,
     )
-    for m in km.LAYER_MAPS:
-        hf = [torch.randn(s) for s in T.hf_shapes(m, arch)]
-        full = T.to_mcore(m, hf, arch)
+    for m in get_family("qwen2").mapping(arch).layer:
+        hf = [torch.randn(s) for s in m.hf_shapes(arch)]
+        full = m.to_mcore(hf, arch)
         for tp in (1, 2, 4):
             for r in range(tp):
-                blocks = T.tp_blocks(m, hf, arch, tp, r)
-                regions = T.tp_chunks(m.tp, tuple(full.shape), tp, r)
+                blocks = m.tp_blocks(hf, arch, tp, r)
+                regions = m.tp_regions(tuple(full.shape), tp, r)
                 assert [o for o, _ in blocks] == [o for o, _ in regions], m.mcore
                 for (_, data), region in zip(blocks, regions):
                     assert torch.equal(data, T.block(full, region)), (m.mcore, tp, r)

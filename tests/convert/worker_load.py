@@ -4,7 +4,8 @@ conversions and saves checkpoints of its own for the way back.
 argv[1]: a JSON spec::
 
     {"tokens": "tokens.pt",
-     "logits": [{"ckpt": DIR, "out": "logits.pt", "resave": DIR or null}, ...],
+     "logits": [{"ckpt": DIR, "out": "logits.pt", "resave": DIR or null,
+                 "tokens": "other_tokens.pt" (optional)}, ...],
      "vpp": {"ckpt": DIR, "root": DIR}}
 
 - each ``logits`` job: build GPTModel from the checkpoint's sfmed.json, load it with
@@ -36,10 +37,10 @@ def main():
     from sfmed.convert import checkpoint_arch, load_mcore_weights
     from sfmed.convert.verify import build_and_load, forward_logits
     from sfmed.core.megatron_layout import write_tracker
-    from sfmed.models.qwen2 import build_model, transformer_config
+    from sfmed.models import build_model, transformer_config
 
-    tokens = torch.load(spec["tokens"], weights_only=True)
     for job in spec["logits"]:
+        tokens = torch.load(job.get("tokens") or spec["tokens"], weights_only=True)
         model, arch = build_and_load(job["ckpt"], torch.float32, "cpu")
         logits = forward_logits(model, arch.vocab_size, tokens, "cpu")
         if logits is not None and ps.get_tensor_model_parallel_rank() == 0:

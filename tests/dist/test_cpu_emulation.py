@@ -31,6 +31,23 @@ def test_redirects_cuda_requests_and_restores():
     assert torch.ones(1).type() == "torch.FloatTensor"
 
 
+def test_grad_probes_of_activations_are_silent_and_unchanged():
+    """megatron probes ``.grad`` of activations; under the emulation that must neither warn
+    (torch's non-leaf warning would point at the emulation) nor change what autograd does."""
+    import warnings
+
+    leaf = torch.randn(3, requires_grad=True)
+    with cpu_emulation.cpu_emulation(force=True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        act, kept = leaf * 2, leaf * 3
+        kept.retain_grad()
+        (act * kept).sum().backward()
+        assert hasattr(act, "grad") and act.grad is None
+        assert torch.equal(kept.grad, 2 * leaf.detach())
+        assert torch.equal(leaf.grad, 12 * leaf.detach())
+    assert [str(w.message)[:40] for w in caught if "not a leaf" in str(w.message)] == []
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("tp,pp", [(2, 2)])
 def test_gptmodel_trains_and_checkpoints_tp_pp(torchrun, tmp_path, tp, pp):

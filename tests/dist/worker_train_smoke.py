@@ -8,8 +8,8 @@ from functools import partial
 
 import torch
 
-from sfmed.models.qwen2 import Qwen2Arch, build_model, transformer_config
 from sfmed.core.distributed import destroy_distributed, init_distributed
+from sfmed.models import ModelArch, build_model, transformer_config
 
 
 def main():
@@ -20,14 +20,23 @@ def main():
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    arch = Qwen2Arch(
-        num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
-        num_query_groups=2, vocab_size=300, max_position_embeddings=128, rms_norm_eps=1e-6,
-        rope_theta=10000.0, tie_word_embeddings=False, kv_channels=8,
+    arch = ModelArch(
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=8,
+        num_query_groups=2,
+        vocab_size=300,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        kv_channels=8,
     )
     cfg = transformer_config(arch, tp=tp, pp=pp)
     model = build_model(
-        arch, cfg,
+        arch,
+        cfg,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
@@ -64,22 +73,31 @@ def main():
     for _ in range(steps):
         model.zero_grad_buffer()
         opt.zero_grad()
-        res = fb(forward_step_func=forward_step, data_iterator=it, model=[model],
-                 num_microbatches=nmb, seq_length=seq, micro_batch_size=mbs,
-                 forward_only=False)
+        res = fb(
+            forward_step_func=forward_step,
+            data_iterator=it,
+            model=[model],
+            num_microbatches=nmb,
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=False,
+        )
         ok, gn, _ = opt.step()
         if parallel_state.is_pipeline_last_stage():
-            l = torch.stack([r["loss"] for r in res]).mean()
+            loss = torch.stack([r["loss"] for r in res]).mean()
         else:
-            l = torch.zeros(())
-        torch.distributed.all_reduce(l, group=parallel_state.get_pipeline_model_parallel_group())
-        losses.append(float(l))
+            loss = torch.zeros(())
+        torch.distributed.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
+        losses.append(float(loss))
     os.makedirs(ckpt, exist_ok=True)
     sd = model.module.sharded_state_dict()
     dist_checkpointing.save(sd, ckpt)
     loaded = dist_checkpointing.load(model.module.sharded_state_dict(), ckpt)
-    same = all(torch.equal(loaded[k], v) for k, v in model.module.state_dict().items()
-               if k in loaded and torch.is_tensor(loaded[k]))
+    same = all(
+        torch.equal(loaded[k], v)
+        for k, v in model.module.state_dict().items()
+        if k in loaded and torch.is_tensor(loaded[k])
+    )
     if info.rank == 0:
         print("RESULT " + json.dumps({"losses": losses, "reload_equal": same}))
     destroy_distributed()

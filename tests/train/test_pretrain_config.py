@@ -20,7 +20,7 @@ from conftest import REPO
 from sfmed.config.pretrain import PretrainConfig, register
 from sfmed.core import megatron_layout as layout
 from sfmed.core.errors import ConfigError
-from sfmed.models.qwen2 import arch_to_dict
+from sfmed.models import arch_to_dict
 
 CONF = REPO / "conf"
 
@@ -107,9 +107,11 @@ def test_bad_single_values_fail_in_the_schema(overrides, match):
 
 
 def _plan(overrides, world=4):
+    from sfmed.recipes.pretrain import PretrainRecipe
     from sfmed.train.plan import make_plan
 
-    return make_plan(compose(["device=cpu", *overrides]), world_size=world)
+    cfg = compose(["device=cpu", *overrides])
+    return make_plan(cfg, PretrainRecipe(cfg), world_size=world)
 
 
 def test_plan_resolves_sizes(corpus, tmp_path):
@@ -285,7 +287,7 @@ def test_flops_and_mfu_formula():
 
 
 def test_config_schema_json_roundtrip():
-    from sfmed.train.pretrain import config_to_dict
+    from sfmed.train.trainer import config_to_dict
 
     d = config_to_dict(compose(["model=qwen2_1_5b"]))
     assert json.loads(json.dumps(d))["model"]["hidden_size"] == 1536

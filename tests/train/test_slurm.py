@@ -1,8 +1,8 @@
-"""launch/slurm/pretrain.sbatch on a real single-node Slurm (slurmctld + slurmd + munge).
+"""launch/slurm/pretrain.sbatch (which runs the generic train.sbatch) on a real single-node Slurm
+(slurmctld + slurmd + munge), and train.sbatch with stand-ins for ``srun``/``scontrol``.
 
-Follows shared/notes/slurm-on-one-machine.md: Debian's slurm-wlm and munge (installed with apt-get
-when missing, which needs root), a throwaway slurm.conf with this host as controller and only
-node. The job trains a tiny CPU-emulated model; the test sends the job's steps SIGUSR1 (what
+Debian's slurm-wlm and munge (installed with apt-get when missing, which needs root), a
+throwaway slurm.conf with this host as controller and only node. The job trains a tiny CPU-emulated model; the test sends the job's steps SIGUSR1 (what
 ``--signal=USR1@300`` does before the time limit), and the run must save, requeue itself, resume
 from its checkpoint and finish. Skips, with the reason, where the daemons cannot start.
 """
@@ -229,3 +229,83 @@ def test_sbatch_trains_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 31))
+
+
+def _small_run(tmp_path: Path, run: Path) -> list[str]:
+    return [
+        "device=cpu", f"data.prefix={_corpus(tmp_path)}", "data.seq_length=32",
+        "data.num_workers=0", "train.steps=4", "train.global_batch_size=2",
+        "train.micro_batch_size=1", "train.save_interval=2", "optim.warmup_steps=1",
+        f"ckpt_dir={run}", "logging.level=WARNING",
+    ]  # fmt: skip
+
+
+_SRUN = """#!/bin/bash
+# Stand-in for srun on one node: drop srun's options, run the command once.
+while [[ "$1" == --* ]]; do shift; done
+exec "$@"
+"""
+_SCONTROL = """#!/bin/bash
+# Stand-in for scontrol: the node list is this host; record everything else.
+if [ "$1" = show ] && [ "$2" = hostnames ]; then echo 127.0.0.1; exit 0; fi
+echo "scontrol $*" >> "$STUB_LOG"
+"""
+
+
+def _stub_env(tmp_path: Path) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", _SRUN), ("scontrol", _SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {
+        **os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "STUB_LOG": str(tmp_path / "scontrol.log"), "SFMED_ROOT": str(REPO),
+        "SFMED_PYTHON": sys.executable, "SFMED_NPROC_PER_NODE": "1",
+        "SFMED_MASTER_PORT": str(_port()), "SLURM_JOB_ID": "77", "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }  # fmt: skip
+
+
+def test_generic_sbatch_runs_the_entry_it_is_given(tmp_path):
+    """train.sbatch (srun/scontrol stood in) runs launch/pretrain.py given as its argument, and
+    pretrain.sbatch hands its overrides to train.sbatch with ENTRY=launch/pretrain.py."""
+    env = _stub_env(tmp_path)
+    run = tmp_path / "run"
+    proc = _sh(
+        ["bash", str(REPO / "launch/slurm/train.sbatch"), "launch/pretrain.py",
+         *_small_run(tmp_path, run)],
+        timeout=600, env=env,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "entry launch/pretrain.py" in out and "run status: complete" in out, out[-3000:]
+    assert json.loads((run / "status.json").read_text())["status"] == "complete"
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert not (tmp_path / "scontrol.log").exists()  # complete: no requeue
+    # The pretrain wrapper: an override that does not compose stops it before any srun.
+    bad = _sh(
+        ["bash", str(REPO / "launch/slurm/pretrain.sbatch"), "no_such_group_or_key=1"],
+        timeout=300, env=env,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "do not compose into a config of launch/pretrain.py" in bad.stderr, bad.stderr
+    missing = _sh(["bash", str(REPO / "launch/slurm/train.sbatch"), "launch/nope.py"], env=env)
+    assert missing.returncode == 2 and "launch/nope.py not found" in missing.stderr
+
+
+def test_submit_entry_selects_the_generic_script(tmp_path):
+    """`submit.sh --entry X` submits train.sbatch with ENTRY=X; without it, pretrain.sbatch."""
+    submit = str(REPO / "launch/slurm/submit.sh")
+    proc = _sh(
+        [submit, "--entry", "launch/pretrain.py", "--logs", str(tmp_path), "--dry-run", "--",
+         "model=tiny"],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.split()
+    assert cmd[:2] == ["ENTRY=launch/pretrain.py", "sbatch"] and "--job-name=sfmed-pretrain" in cmd
+    assert cmd[-2:] == [str(REPO / "launch/slurm/train.sbatch"), "model=tiny"]
+    bad = _sh([submit, "--entry", "launch/nope.py", "--dry-run"])
+    assert bad.returncode == 2 and "launch/nope.py is not a file" in bad.stderr

@@ -6,10 +6,9 @@ import json
 import torch
 
 from sfmed.core.distributed import destroy_distributed, init_distributed
-from sfmed.models.qwen2 import Qwen2Arch, build_model, transformer_config
-from sfmed.models.specs import decoder_block_spec
+from sfmed.models import ModelArch, build_model, decoder_layer_spec, transformer_config
 
-ARCH = Qwen2Arch(
+ARCH = ModelArch(
     num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8, num_query_groups=2,
     vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e4,
     tie_word_embeddings=False, kv_channels=8,
@@ -50,7 +49,7 @@ def model_logits(attention, sp, tokens):
 
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     model = build_model(
-        ARCH, cfg, spec=decoder_block_spec(cfg, "local", attention), make_vocab_size_divisible_by=1
+        ARCH, cfg, spec=decoder_layer_spec(cfg, "local", attention), make_vocab_size_divisible_by=1
     )
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     logits = model(tokens, pos, None)

@@ -1,7 +1,11 @@
-"""Continued pretraining on megatron-core: plan → set up → (resume | init) → loop → close.
+"""The shared trainer on megatron-core: plan → set up → (resume | init) → loop → close.
 
-:func:`run` is what ``launch/pretrain.py`` calls with the composed :class:`PretrainConfig`; it
-takes dataclasses only (no Hydra), so tests and notebooks call it directly under ``torchrun``.
+:func:`run` is what every training entry point calls with its composed config (a
+:class:`~sfmed.config.run.RunConfig` subclass) and the recipe it chose (e.g.
+``PretrainRecipe(cfg)``, :mod:`sfmed.recipes`); it takes dataclasses only (no Hydra), so tests and
+notebooks call it directly under ``torchrun``. Everything that differs between stages — data,
+forward step, loss, reported metrics, extra frozen models, checkpoint kind — comes from the
+recipe; checkpointing, resume, the loop, metrics, exit signals and the loss guard are shared.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import torch
 import torch.distributed as dist
 
 import sfmed
-from sfmed.config.pretrain import PretrainConfig
+from sfmed.config.run import RunConfig
 from sfmed.core import megatron_layout as layout
 from sfmed.core.atomic import atomic_write_text
 from sfmed.core.distributed import destroy_distributed, init_distributed
-from sfmed.models.qwen2 import arch_to_dict
-from sfmed.train import builder, checkpoint, data, loop, metrics
+from sfmed.core.dtypes import SHORT_NAMES
+from sfmed.core.logging import setup_logging
+from sfmed.models import arch_to_dict
+from sfmed.recipes.base import Recipe
+from sfmed.train import builder, checkpoint, loop, metrics
 from sfmed.train.guard import LossGuard
 from sfmed.train.plan import TrainPlan, make_plan
 
@@ -31,31 +38,18 @@ log = logging.getLogger("sfmed.train")
 STATUS_FILE = "status.json"
 
 
-def _setup_logging(level: str, rank: int) -> None:
-    # Rank 0 talks; the other ranks only report warnings and errors.
-    logging.basicConfig(
-        level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    for noisy in ("megatron", "torch.distributed", "matplotlib", "wandb"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
 def config_to_dict(cfg) -> dict:
     """The resolved config as plain JSON-able data (for metadata and wandb)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-class Pretrainer:
+class Trainer:
     """The objects of one training run, and the actions the loop calls on them."""
 
-    def __init__(self, cfg: PretrainConfig, plan: TrainPlan):
+    def __init__(self, cfg: RunConfig, plan: TrainPlan, recipe: Recipe):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from sfmed.recipes.pretrain import make_forward_step
-
-        self.cfg, self.plan = cfg, plan
+        self.cfg, self.plan, self.recipe = cfg, plan, recipe
         self.start_time = time.time()
         self.rank = dist.get_rank()
         self.device = (
@@ -63,15 +57,15 @@ class Pretrainer:
             if plan.device == "cuda"
             else torch.device("cpu")
         )
-        self.seq_length = cfg.data.seq_length
-        self.micro_batch_size = cfg.train.micro_batch_size
+        self.seq_length = plan.seq_length
         self.tf_config = builder.make_transformer_config(cfg, plan)
         chunks = builder.build_model_chunks(cfg, plan, self.tf_config)
         self.model = builder.wrap_ddp(cfg, self.tf_config, chunks)
         self.optimizer, self.scheduler = builder.build_optimizer(cfg, plan, self.model)
         builder.configure_schedule_hooks(self.tf_config, self.model, self.optimizer)
         self.forward_backward = get_forward_backward_func()
-        self.forward_step = make_forward_step(self.device)
+        self.extra_models = recipe.extra_models(self)
+        self.forward_step = recipe.forward_step(self)
         o = cfg.optim
         self.guard = LossGuard(
             o.nan_action,
@@ -82,7 +76,7 @@ class Pretrainer:
             o.max_consecutive_skips,
         )
         self.state = loop.LoopState()
-        stored = {"fp32": "float32", "fp16": "float16"}.get(plan.precision, "bfloat16")
+        stored = SHORT_NAMES.get(plan.precision, "bfloat16")  # fp8 runs store bf16 weights
         meta = {
             "arch": arch_to_dict(dataclasses.replace(plan.arch, torch_dtype=stored)),
             "padded_vocab_size": plan.padded_vocab_size,
@@ -92,10 +86,11 @@ class Pretrainer:
             "vpp": plan.vpp,
             "dp": plan.dp,
             "origin": {
-                "kind": "pretrain",
+                "kind": recipe.kind,
                 "trainer": f"sfmed {sfmed.__version__}",
                 "run_name": cfg.run_name,
                 "init_from": str(plan.init_from) if plan.init_from else None,
+                **recipe.metadata(),
             },
             "distrib_optim_sharding_type": cfg.train.optim_ckpt_format,
             "config": config_to_dict(cfg),
@@ -120,6 +115,16 @@ class Pretrainer:
         self.peak = metrics.peak_tflops(plan.precision, cfg.logging.peak_tflops)
         self.sink: metrics.MetricsSink | None = None
 
+    def build_frozen_model(self, ckpt_dir) -> list[torch.nn.Module]:
+        """Another copy of the model in this run's layout, with ``ckpt_dir``'s weights, frozen
+        (eval mode, no gradients, outside the optimizer): for a recipe's extra models."""
+        chunks = builder.build_model_chunks(self.cfg, self.plan, self.tf_config)
+        checkpoint.load_weights(chunks, ckpt_dir)
+        for chunk in chunks:
+            chunk.eval()
+            chunk.requires_grad_(False)
+        return chunks
+
     # -- state --------------------------------------------------------------------------------
 
     def restore(self) -> None:
@@ -142,6 +147,7 @@ class Pretrainer:
                 ts.get("consumed_samples", got["iteration"] * self.cfg.train.global_batch_size)
             )
             self.guard.load_state_dict(ts.get("guard", {}))
+            self.recipe.load_state_dict(ts.get("recipe", {}))
             self.state.skipped_steps = self.guard.skipped_total
             self.checkpointer.last_saved = self.state.iteration
             log.info(
@@ -162,6 +168,7 @@ class Pretrainer:
             "consumed_samples": self.state.consumed_samples,
             "guard": self.guard.state_dict(),
             "tokens_per_sample": self.seq_length,
+            "recipe": self.recipe.state_dict(),
         }
 
     def save(self) -> None:
@@ -193,17 +200,19 @@ class Pretrainer:
             "skipped_steps": self.state.skipped_steps,
             "skipped": not res.applied,
             "skip_reason": res.reason or None,
+            **res.metrics,
             **metrics.memory_gb(self.plan.device == "cuda"),
         }
         if self.sink is not None:
             self.sink.log(record, metrics.console_line(record))
 
-    def log_eval(self, loss: float) -> None:
-        """Report a validation loss."""
+    def log_eval(self, report) -> None:
+        """Report a validation pass (the recipe's :class:`~sfmed.recipes.base.StepReport`)."""
         if self.sink is not None:
+            extra = {f"valid_{k}": v for k, v in report.metrics.items()}
             self.sink.log(
-                {"step": self.state.iteration, "valid_loss": loss},
-                f"step {self.state.iteration} | valid loss {loss:.4f}",
+                {"step": self.state.iteration, "valid_loss": report.loss, **extra},
+                f"step {self.state.iteration} | valid loss {report.loss:.4f}",
             )
 
 
@@ -230,9 +239,10 @@ def _copy_hf_sidecar(src_ckpt: Path | None, run_dir: Path) -> None:
             return
 
 
-def run(cfg: PretrainConfig) -> str:
-    """Train as ``cfg`` says; returns 'complete' or 'interrupted'. Call under torchrun."""
-    plan = make_plan(cfg)  # every config error is raised here, before any process group
+def run(cfg: RunConfig, recipe: Recipe) -> str:
+    """Train ``recipe`` as ``cfg`` says; returns 'complete' or 'interrupted'. Call under
+    torchrun (every rank)."""
+    plan = make_plan(cfg, recipe)  # every config error is raised here, before any process group
     info = init_distributed(
         tp=cfg.parallel.tp,
         pp=cfg.parallel.pp,
@@ -241,8 +251,8 @@ def run(cfg: PretrainConfig) -> str:
         device=plan.device,
         seed=cfg.train.seed,
     )
-    _setup_logging(cfg.logging.level, info.rank)
-    log.info("plan: %s", plan.describe())
+    setup_logging(cfg.logging.level, info.rank)
+    log.info("plan: %s; %s", plan.describe(), recipe.describe(plan))
     trainer, signals = None, None
     try:
         if info.rank == 0:
@@ -250,7 +260,7 @@ def run(cfg: PretrainConfig) -> str:
             checkpoint.clean_incomplete(plan.run_dir)
             _copy_hf_sidecar(plan.resume_from or plan.init_from, plan.run_dir)
         dist.barrier()
-        trainer = Pretrainer(cfg, plan)
+        trainer = Trainer(cfg, plan, recipe)
         trainer.restore()
         st = trainer.state
         trainer.sink = metrics.MetricsSink(
@@ -265,9 +275,9 @@ def run(cfg: PretrainConfig) -> str:
             log.info("nothing to do: the run is at step %d of %d", st.iteration, cfg.train.steps)
             status = "complete"
         else:
-            train_ds, valid_ds = data.build_datasets(cfg, plan)
-            train_iters = data.chunk_iterators(
-                train_ds, st.consumed_samples, cfg, plan, trainer.model,
+            train_ds, valid_ds = recipe.build_datasets(plan)
+            train_iters = recipe.iterators(
+                train_ds, st.consumed_samples, plan, trainer.model,
                 total=cfg.train.steps * cfg.train.global_batch_size,
             )  # fmt: skip
             signals = loop.ExitSignals(cfg.train.exit_signals)
@@ -289,4 +299,22 @@ def run(cfg: PretrainConfig) -> str:
         _write_status(plan.run_dir, status, trainer.state.iteration, cfg.train.steps)
         log.info("run %s at step %d (%s)", status, trainer.state.iteration, plan.run_dir)
     destroy_distributed()
+    return status
+
+
+def launch(prog: str, cfg, recipe_cls: type[Recipe]) -> str:
+    """What a training entry point's ``@hydra.main`` function does with the composed config:
+    validate it into the typed schema, train ``recipe_cls``, and exit through
+    :func:`sfmed.core.cli.run_cli` (a user error: one message on rank 0, exit 2)."""
+    from omegaconf import OmegaConf
+
+    from sfmed.core.cli import is_rank0, run_cli
+
+    def _train() -> str:
+        conf = OmegaConf.to_object(cfg)  # the typed schema; __post_init__ validates
+        return run(conf, recipe_cls(conf))
+
+    status = run_cli(prog, _train)
+    if is_rank0():
+        print(f"{prog}: {status}", flush=True)
     return status
