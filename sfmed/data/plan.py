@@ -162,6 +162,9 @@ def reusable(s: Source, dedup: str) -> dict | None:
         return None
     if dedup != "none" and not Path(f"{s.prefix}.dedup.npz").is_file():
         return None
+    if not meta.get("documents"):
+        # An empty output of an earlier version: redo it, so that it is refused with the reason.
+        return None
     return meta
 
 

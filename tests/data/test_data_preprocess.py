@@ -570,3 +570,18 @@ def test_exact_dedup_compares_whole_long_documents(tmp_path, tiny_tokenizer_dir)
     kept = [docs[0], docs[1], docs[2], prefix + tails[2][:-1]]
     eod = report["settings"]["tokenizer"]["eod_id"]
     assert read_docs(tmp_path / "out/long_text_document") == hf_ids(tiny_tokenizer_dir, kept, eod)
+
+
+def test_empty_outputs_of_an_earlier_run_are_not_reused(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Outputs with 0 documents (what earlier versions wrote and called complete) are redone,
+    and so refused, instead of being reused."""
+    f = tmp_path / "raw/empty.jsonl"
+    f.parent.mkdir()
+    f.write_bytes(b"")
+    with monkeypatch.context() as m:
+        m.setattr(pp, "rejection", lambda acc, cfg: None)  # the old behaviour
+        pp.preprocess(_adhoc(tmp_path, tiny_tokenizer_dir, f))
+    assert (tmp_path / "out/empty_text_document.bin").stat().st_size == 0
+    with pytest.raises(pp.SourceRejectedError, match="source empty: no records"):
+        pp.preprocess(_adhoc(tmp_path, tiny_tokenizer_dir, f))
+    assert not list((tmp_path / "out").glob("empty_text_document*"))
