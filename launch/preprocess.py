@@ -17,34 +17,35 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from sfmed.config.data import register
+from sfmed.config.data import check_source_overrides, register
+from sfmed.core.cli import run_cli
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 register()
 
 
-@hydra.main(config_path="../conf", config_name="preprocess", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from sfmed.data.preprocess import USER_ERRORS, preprocess
+def _preprocess(cfg: DictConfig) -> None:
+    from sfmed.data.preprocess import preprocess
     from sfmed.data.report import render_markdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    conf = OmegaConf.to_object(cfg)  # the typed PreprocessConfig; __post_init__ validates
     try:
-        conf = OmegaConf.to_object(cfg)  # the typed PreprocessConfig; __post_init__ validates
         report = preprocess(conf)
     except KeyboardInterrupt:
-        print(
-            "preprocess: interrupted; complete sources are kept, rerun to resume", file=sys.stderr
-        )
-        sys.exit(130)
-    except Exception as e:
-        from sfmed.core.errors import ConfigError
-
-        if not isinstance(e, (ConfigError, *USER_ERRORS)):
-            raise
-        print(f"preprocess: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print("preprocess: complete sources are kept; rerun to resume", file=sys.stderr)
+        raise
     print(render_markdown(report))
 
 
+@hydra.main(config_path="../conf", config_name="preprocess", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_cli("preprocess", _preprocess, cfg)
+
+
 if __name__ == "__main__":
+    # Unknown corpus names are refused with the list of corpora before Hydra composes (whose
+    # own error would be a raw traceback-style message and exit 1).
+    run_cli("preprocess", check_source_overrides, sys.argv[1:], CONF / "sources")
     main()

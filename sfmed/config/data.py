@@ -9,7 +9,9 @@ and tests use these dataclasses without Hydra. Validation runs in ``__post_init_
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sfmed.core.errors import ConfigError
@@ -72,15 +74,17 @@ class ReaderOptions:
     join: str = "\n"
     """Separator between template parts, dialogue turns and options."""
 
-    fields: dict[str, str] = field(default_factory=dict)
-    """Placeholder/role name -> record key (dotted path), e.g. ``{q: ask, a: answer}``. Names not
-    listed map to the key of the same name."""
+    fields: Any = None
+    """Placeholder/role name -> record key (dotted path), e.g. ``{q: ask, a: answer}`` or
+    ``{q: 问}``. Names not listed map to the key of the same name. (Typed ``Any`` so that the
+    command line can set the whole mapping, ``fields={q: '问'}``: a typed dict would be a closed
+    struct that refuses new keys.)"""
 
     required: list[str] | None = None
     """Names whose record key must be present (a record without one is ``malformed``); default:
     every name the template uses."""
 
-    roles: dict[str, str | None] = field(default_factory=dict)
+    roles: Any = None
     """dialogue: role -> text prefix (``null`` leaves that role's messages out). Merged over the
     defaults user/human -> ``问：``, assistant/gpt -> ``答：``, system -> ``''``."""
 
@@ -111,6 +115,18 @@ class ReaderOptions:
             raise ConfigError(f"{where}render=template needs {where}template='...{{name}}...'")
         if self.template is not None and not isinstance(self.template, (str, list, tuple)):
             raise ConfigError(f"{where}template must be a string or a list of strings")
+        for k in ("fields", "roles"):
+            v = getattr(self, k)
+            if v is None:
+                continue
+            if not hasattr(v, "items") or not all(
+                isinstance(key, str) and (isinstance(x, str) or (k == "roles" and x is None))
+                for key, x in v.items()
+            ):
+                raise ConfigError(
+                    f"{where}{k}={v!r} must map names to record keys, e.g. "
+                    f"{k}={{q: question, a: answer}} (quote non-ASCII values: {k}={{q: '问'}})"
+                )
         if self.reader == "text" and self.render != "field":
             raise ConfigError(
                 f"{where}reader=text gives plain strings; render={self.render!r} needs structured "
@@ -123,7 +139,10 @@ class ReaderOptions:
 
     def reader_options(self) -> dict[str, Any]:
         """The reader/render options as a plain dict (hashed into the resume fingerprint)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(ReaderOptions)}
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(ReaderOptions)}
+        for k in ("fields", "roles"):  # unset and empty mean the same (stable fingerprints)
+            out[k] = out[k] or {}
+        return out
 
 
 def _plain(v: Any) -> Any:
@@ -258,6 +277,12 @@ class PreprocessConfig(ReaderOptions):
     strict: bool = False
     """Make malformed records and undecodable bytes fatal (with file:line)."""
 
+    max_malformed_share: float = 0.5
+    """Refuse a source (exit 2, no outputs for it) when more than this share of its records are
+    dropped as malformed or undecodable: that is a wrong field name, template or encoding, not
+    a few bad lines. 1 turns the check off. A source that yields no documents at all is always
+    refused."""
+
     workers: int = 0
     """Worker processes; 0 = auto (in-process with the Rust tokenizer's threads for small inputs
     or <= 4 cores, else one process per core); 1 = in-process."""
@@ -287,6 +312,11 @@ class PreprocessConfig(ReaderOptions):
             raise ConfigError(f"workers={self.workers} must be >= 0 (0 = auto)")
         if self.chunk_mb <= 0:
             raise ConfigError(f"chunk_mb={self.chunk_mb} must be > 0")
+        if not 0.0 <= self.max_malformed_share <= 1.0:
+            raise ConfigError(
+                f"max_malformed_share={self.max_malformed_share} must be in [0, 1] (a share of "
+                "the records read; 1 turns the check off)"
+            )
         if self.verify_tokenizer < 0 or self.samples < 0:
             raise ConfigError("verify_tokenizer and samples must be >= 0")
         if isinstance(self.cleaning, dict):
@@ -323,6 +353,39 @@ class PreprocessConfig(ReaderOptions):
                 )
             for n, s in self.sources.items():
                 s.validate(n)
+
+
+def available_sources(sources_dir: str | Path) -> list[str]:
+    """The corpus names of the YAML files under ``sources_dir`` (``conf/sources``)."""
+    return sorted(p.stem for p in Path(sources_dir).glob("*.yaml"))
+
+
+_SOURCES_OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?sources=(.*)$", re.S)
+
+
+def check_source_overrides(overrides: list[str], sources_dir: str | Path) -> None:
+    """Raise ``ConfigError`` for corpus names in ``sources=[...]`` overrides that have no YAML
+    under ``sources_dir``, listing every unknown name and the available corpora."""
+    unknown: list[str] = []
+    for ov in overrides:
+        m = _SOURCES_OVERRIDE.match(ov.strip())
+        if not m:
+            continue
+        value = m.group(1).strip()
+        if value.startswith("[") and value.endswith("]"):
+            value = value[1:-1]
+        for name in value.split(","):
+            name = name.strip().strip("'\"").strip()
+            if name and name != "null" and name not in unknown:
+                unknown.append(name)
+    have = available_sources(sources_dir)
+    unknown = [n for n in unknown if n not in have]
+    if unknown:
+        raise ConfigError(
+            f"unknown corpus name(s) {unknown} in sources=; available corpora (conf/sources/): "
+            f"{', '.join(have)}. Add a YAML under conf/sources/ for a new corpus, or run one file "
+            "with input=<file or glob>"
+        )
 
 
 def register() -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sfmed.core.errors import UserError
 from sfmed.data.indexed import bin_path, idx_path, read_index_header
 from sfmed.data.metadata import (
     DatasetMetadataError,
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 _ENTRY_KEYS = {"prefix", "weight", "tokens", "group"}
 
 
-class BlendError(ValueError):
+class BlendError(UserError, ValueError):
     """A blend that cannot be used: missing output, bad weight, tokenizer mismatch, ..."""
 
 

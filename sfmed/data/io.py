@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfmed.core.errors import UserError
+
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _COMPRESSED_SUFFIXES = (".gz", ".gzip", ".zst", ".zstd")
@@ -51,7 +53,7 @@ _NEWLINE_SAFE = {
 }
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input file or pattern the user gave cannot be used."""
 
 

@@ -13,9 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from sfmed.core.atomic import atomic_write_text
+from sfmed.core.errors import UserError
 
 FORMAT = "sfmed-indexed-dataset/1"
 # Keys of tokenizer.json that decide the ids of ``encode(text, add_special_tokens=False)``;
@@ -24,7 +23,7 @@ _ID_DEFINING_KEYS = ("normalizer", "pre_tokenizer", "model", "added_tokens")
 _ADDED_TOKEN_KEYS = ("id", "content", "single_word", "lstrip", "rstrip", "normalized", "special")
 
 
-class DatasetMetadataError(ValueError):
+class DatasetMetadataError(UserError, ValueError):
     """An indexed dataset's sidecar is missing, unreadable or inconsistent with its files."""
 
 
@@ -34,6 +33,9 @@ def sidecar_path(prefix: str | os.PathLike) -> Path:
 
 
 def _canonical_tokenizer_json(path: Path) -> bytes:
+    # Imported here: reading sidecars (training's pre-flight) must not need orjson.
+    import orjson
+
     data = orjson.loads(path.read_bytes())
     canon: dict[str, Any] = {k: data.get(k) for k in _ID_DEFINING_KEYS}
     model = dict(canon.get("model") or {})
@@ -53,6 +55,8 @@ def _file_digest_input(f: Path) -> bytes:
     if f.suffix != ".json":
         return f.read_bytes()
     if f.name == "vocab.json":
+        import orjson
+
         return orjson.dumps(orjson.loads(f.read_bytes()), option=orjson.OPT_SORT_KEYS)
     return _canonical_tokenizer_json(f)
 

@@ -76,13 +76,23 @@ def resolve_sources(cfg: PreprocessConfig) -> list[Source]:
             specs.append((key, s.group, s, list(s.files), cfg.data_root))
     out: list[Source] = []
     names: set[str] = set()
+    problems: list[str] = []  # every missing file or empty glob of every source, reported at once
     for name, group, opts, patterns, base in specs:
         if not name or any(c in name for c in "/\\ ") or name.startswith("."):
             raise InputError(f"source name {name!r} must be non-empty, without '/', '\\' or spaces")
         if name in names:
             raise InputError(f"two sources are named {name!r}; names must be unique")
         names.add(name)
-        files = expand_files(patterns, base)
+        found = []
+        for pat in patterns:
+            try:
+                expand_files([pat], base)
+                found.append(pat)
+            except InputError as e:
+                problems.append(f"source {name}: {e}")
+        if len(found) < len(patterns):
+            continue
+        files = expand_files(found, base)
         formats = []
         for f in files:
             fmt = opts.reader if opts.reader != "auto" else detect_format(f)
@@ -105,6 +115,11 @@ def resolve_sources(cfg: PreprocessConfig) -> list[Source]:
                 max_chars=c.max_chars if opts.max_chars is None else opts.max_chars,
             )
         )
+    if problems:
+        if len(problems) == 1:
+            raise InputError(problems[0])
+        body = "\n".join(f"  - {p}" for p in problems)
+        raise InputError(f"{len(problems)} inputs are missing:\n{body}")
     return out
 
 
@@ -146,6 +161,9 @@ def reusable(s: Source, dedup: str) -> dict | None:
         logger.info("%s: redoing (%s)", s.name, e)
         return None
     if dedup != "none" and not Path(f"{s.prefix}.dedup.npz").is_file():
+        return None
+    if not meta.get("documents"):
+        # An empty output of an earlier version: redo it, so that it is refused with the reason.
         return None
     return meta
 

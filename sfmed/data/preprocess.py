@@ -24,11 +24,10 @@ import numpy as np
 
 from sfmed.config.data import PreprocessConfig
 from sfmed.core.atomic import atomic_file
+from sfmed.core.errors import UserError
 from sfmed.data.dedup import ExactDedup, NearDedup
 from sfmed.data.indexed import BulkIndexedWriter, optimal_dtype, remove_outputs
-from sfmed.data.io import InputError
 from sfmed.data.metadata import (
-    DatasetMetadataError,
     cached_tokenizer_hash,
     tokenizer_hash,
     write_sidecar,
@@ -44,18 +43,24 @@ from sfmed.data.plan import (
     tasks,
     worker_spec,
 )
-from sfmed.data.report import build_report, empty_stats, write_report
-from sfmed.data.tokenizer import TokenizerError, load_tokenizer
+from sfmed.data.report import build_report, empty_stats, merge_previous, write_report
+from sfmed.data.tokenizer import load_tokenizer
 from sfmed.data.worker import (
     TaskResult,
-    TokenizerMismatchError,
     WorkerContext,
     init_process,
     run_task,
     set_context,
 )
 
-__all__ = ["USER_ERRORS", "output_prefix", "preprocess", "resolve_sources"]
+__all__ = [
+    "MalformedInputError",
+    "OutputLockedError",
+    "SourceRejectedError",
+    "output_prefix",
+    "preprocess",
+    "resolve_sources",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +68,95 @@ PIPELINE_VERSION = 1
 AUTO_PROCESS_MIN_BYTES = 256 << 20
 
 
-class MalformedInputError(ValueError):
+class MalformedInputError(UserError, ValueError):
     """strict=true and a record could not be parsed or decoded."""
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(UserError, RuntimeError):
     """Another preprocessing run is writing into the same output folder."""
+
+
+class SourceRejectedError(UserError):
+    """A source yielded no documents, or too many of its records were malformed/undecodable.
+
+    ``stats`` holds the statistics of the sources handled so far (the rejected one included,
+    with ``rejected`` set), so the report can still be written.
+    """
+
+    def __init__(self, message: str, stats: dict[str, dict]):
+        super().__init__(message)
+        self.stats = stats
+
+
+_REASON_FIX = {
+    "malformed": "check the record layout against the reader and render options (text_field=, "
+    "template=, fields=, render=); the sample above shows what a record lacks",
+    "decode_error": "the files are not valid in encoding={enc}; set the encoding they are in "
+    "(e.g. encoding=gb18030 or encoding=utf-16), or decode_errors=replace to keep the records "
+    "with U+FFFD",
+    "empty": "every rendered text is empty; check text_field=/template= against a record",
+    "too_short": "the texts are shorter than cleaning.min_chars={min_chars}; lower it (per source: "
+    "min_chars=) or check what text_field=/template= select",
+    "too_long": "the texts are longer than cleaning.max_chars={max_chars}; raise it (0 = no limit)",
+    "duplicate": "every document repeats one of an earlier source or of this one; drop the source "
+    "or use dedup=none",
+    "near_duplicate": "every document nearly repeats an earlier one; raise near_dedup.threshold or "
+    "use dedup=exact",
+}
+_REASON_LABEL = {
+    "malformed": "malformed",
+    "decode_error": "undecodable (decode errors)",
+    "empty": "empty",
+    "too_short": "too short",
+    "too_long": "too long",
+    "duplicate": "duplicates",
+    "near_duplicate": "near-duplicates",
+}
+
+
+def rejection(acc: _Accumulator, cfg: PreprocessConfig) -> str | None:
+    """Why a finished source must not be written (None when it is fine).
+
+    A source is refused when it kept no documents, or when more than ``max_malformed_share`` of
+    its records were malformed or undecodable (a wrong field name or encoding, not bad lines).
+    """
+    s, st = acc.s, acc.stats
+    read, kept = st["records_read"], st["records_kept"]
+    dropped = st["dropped"]
+    files = ", ".join(str(f) for f in s.files[:3]) + (" ..." if len(s.files) > 3 else "")
+    if read == 0:
+        size = sum(f.stat().st_size for f in s.files)
+        return (
+            f"source {s.name}: no records in {len(s.files)} file(s) ({size:,} bytes: {files}); "
+            "check files=/input= and reader= (reader=text: text_mode=) — no outputs were written "
+            "for it"
+        )
+    bad = dropped.get("malformed", 0) + dropped.get("decode_error", 0)
+    reason = max(dropped, key=lambda k: dropped[k])
+    fix = _REASON_FIX.get(reason, "check the source's options").format(
+        enc=s.opts.encoding, min_chars=s.min_chars, max_chars=s.max_chars
+    )
+    detail = f"{_REASON_LABEL.get(reason, reason)} {dropped[reason]:,}"
+    others = [f"{_REASON_LABEL.get(k, k)} {v:,}" for k, v in dropped.items() if v and k != reason]
+    if others:
+        detail += " (also " + ", ".join(others) + ")"
+    if acc.samples and reason in ("malformed", "decode_error"):
+        detail += f", e.g. {acc.samples[0]}"
+    if kept == 0:
+        return (
+            f"source {s.name}: 0 of {read:,} records kept; dropped as {detail}. Fix: {fix}. No "
+            "outputs were written for it"
+        )
+    share = bad / read
+    if share > cfg.max_malformed_share:
+        return (
+            f"source {s.name}: {bad:,} of {read:,} records ({share:.1%}) are malformed or "
+            f"undecodable, above max_malformed_share={cfg.max_malformed_share}; dropped as "
+            f"{detail}. Fix: {fix}; or accept the loss with max_malformed_share="
+            f"{min(1.0, round(share + 0.05, 2))} (1 turns the check off). No outputs were written "
+            "for it"
+        )
+    return None
 
 
 class _Accumulator:
@@ -187,7 +275,7 @@ def _lock(output_dir: Path):
 
 def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     """Run the pipeline; return the report (also written to ``report.json``/``report.md``)."""
-    t0 = time.perf_counter()
+    t0, start = time.perf_counter(), time.time()
     sources = resolve_sources(cfg)
     out_dir = Path(cfg.output_dir)
     with _lock(out_dir):
@@ -206,8 +294,16 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
             if s.reuse is not None:
                 logger.info("%s: outputs complete and up to date, reused", s.name)
         workers = choose_workers(cfg, sources)
-        stats = _run(cfg, sources, tok, dtype, workers)
+        run_id = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start))
+        run_id += f".{int(start * 1000) % 1000:03d}"
+        try:
+            stats = _run(cfg, sources, tok, dtype, workers, run_id)
+        except SourceRejectedError as e:
+            stats, rejected = e.stats, e
+        else:
+            rejected = None
         settings = {
+            "run": run_id,
             "tokenizer": info.as_dict(),
             "clean": cfg.clean,
             "cleaning": dataclasses.asdict(cfg.cleaning) if cfg.clean else None,
@@ -219,12 +315,14 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
             "dtype": np.dtype(dtype).name,
             "elapsed_s": round(time.perf_counter() - t0, 3),
         }
-        report = build_report(stats, settings)
+        report = merge_previous(out_dir, build_report(stats, settings))
         write_report(out_dir, report)
+    if rejected is not None:
+        raise rejected
     return report
 
 
-def _run(cfg, sources: list[Source], tok, dtype, workers: int) -> dict[str, dict]:
+def _run(cfg, sources: list[Source], tok, dtype, workers: int, run_id: str) -> dict[str, dict]:
     """Stream the tasks through the workers, consume results in order, write each source."""
     specs = [worker_spec(cfg, s) for s in sources]
     ctx = WorkerContext(
@@ -279,8 +377,20 @@ def _run(cfg, sources: list[Source], tok, dtype, workers: int) -> dict[str, dict
                     progress.update(r.nbytes)
                 if r.last:
                     break
+            problem = rejection(acc, cfg)
+            if problem is not None:
+                acc.writer.abort()
+                remove_outputs(s.prefix)
+                st = acc.stats
+                st["malformed_samples"] = acc.samples
+                st.update(name=s.name, group=s.group, prefix=str(s.prefix), reused=False)
+                st["rejected"], st["run"] = problem, run_id
+                stats[s.name] = st
+                acc = None
+                raise SourceRejectedError(problem, stats)
             if tok.info.hash is None:
                 tok.info.hash = canonical.get()
+            acc.stats["run"] = run_id
             st = _finish(acc, tok.info, cfg, dtype)
             acc = None
             st.update(name=s.name, group=s.group, prefix=str(s.prefix), reused=False)
@@ -307,18 +417,6 @@ def _run(cfg, sources: list[Source], tok, dtype, workers: int) -> dict[str, dict
         pool.join()
         hasher.join()
     return stats
-
-
-# Errors a user causes (bad input or tokenizer, strict violations, a locked output folder): the
-# entry point prints them without a traceback.
-USER_ERRORS = (
-    InputError,
-    TokenizerError,
-    TokenizerMismatchError,
-    MalformedInputError,
-    OutputLockedError,
-    DatasetMetadataError,
-)
 
 
 def _load_dedup_state(s: Source, exact: ExactDedup | None, near: NearDedup | None) -> None:

@@ -16,7 +16,9 @@ from typing import Any
 from sfmed.data.readers import MalformedRecord
 
 _MISSING = object()
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A name is any identifier, Chinese included (``{问}``): corpora of this field name their
+# columns in Chinese.
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^\W\d]\w*)\}")
 
 DEFAULT_ROLES: dict[str, str | None] = {
     "user": "问：",

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from sfmed.core.errors import UserError
 from sfmed.data.metadata import tokenizer_file_digest, tokenizer_files, tokenizer_hash
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "gigatoken", "hf", "sentencepiece")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be loaded or used as asked."""
 
 

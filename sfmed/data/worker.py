@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from sfmed.core.errors import UserError
 from sfmed.data.clean import make_cleaner
 from sfmed.data.dedup import MinHasher, content_hashes
 from sfmed.data.io import Chunk, read_chunk
@@ -46,7 +47,7 @@ DROP_REASONS = (
 )
 
 
-class TokenizerMismatchError(RuntimeError):
+class TokenizerMismatchError(UserError, RuntimeError):
     """The fast tokenizer backend disagreed with the reference library (verify_tokenizer)."""
 
 

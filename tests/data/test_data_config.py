@@ -123,3 +123,55 @@ def test_cleaning_steps():
     assert clean("长" * 21)[1] == "too_long"
     nfkc = make_cleaner("NFKC", False, False)
     assert nfkc("ＡＢＣ，１２３")[0] == "ABC,123"
+
+
+def test_shipped_blends_name_only_prefixes_the_corpus_configs_write():
+    """Issue 9.13: every prefix of every shipped blend is ``<output_dir>/<corpus>_text_document``
+    for a corpus under conf/sources/ (so the documented preprocessing command produces it)."""
+    import yaml
+
+    files = sorted((REPO / "conf/blend").glob("*.yaml")) + [
+        REPO / "conf/data/pretrain_medical.yaml"
+    ]
+    assert len(files) >= 4
+    for f in files:
+        entries = yaml.safe_load(f.read_text())["blend"]
+        assert entries, f
+        for e in entries:
+            prefix = e["prefix"]
+            assert prefix.startswith("data/indexed/") and prefix.endswith("_text_document"), f
+            corpus = prefix.removeprefix("data/indexed/").removesuffix("_text_document")
+            assert corpus in SOURCES, f"{f.name}: {prefix} is written by no conf/sources/ corpus"
+
+
+def test_chinese_field_names_in_templates_and_fields():
+    """Issue 9.9: ``{问}`` placeholders read the field 问, and ``fields={q: '问'}`` composes."""
+    rec = {"问": "头痛怎么办？", "答": "多休息。", "科室": "内科"}
+    opts = SourceConfig(files=["x"], render="template", template=["问：{问}", "答：{答}"])
+    assert make_renderer(opts)(rec) == "问：头痛怎么办？\n答：多休息。"
+    opts = SourceConfig(files=["x"], render="template", template="[{科室}] {q_1}", required=[])
+    assert make_renderer(opts)({"科室": "内科"}) == "[内科] "
+    # A record without the field is malformed, not an empty text.
+    from sfmed.data.readers import MalformedRecord
+
+    with pytest.raises(MalformedRecord, match="missing field '问'"):
+        make_renderer(SourceConfig(files=["x"], render="template", template="{问}"))({"q": "x"})
+    # The documented command-line forms (Hydra, against the schema).
+    base = ["input=x.jsonl", "reader=jsonl", "render=template", "tokenizer=t", "output_dir=o"]
+    cfg = _compose([*base, "template=['问：{q}','答：{a}']", "fields={q: '问', a: '答'}"])
+    assert dict(cfg.fields) == {"q": "问", "a": "答"}
+    assert make_renderer(cfg)(rec) == "问：头痛怎么办？\n答：多休息。"
+    cfg = _compose([*base, "template='{q}'", "+fields.q='问'"])
+    assert dict(cfg.fields) == {"q": "问"}
+    cfg = _compose([*base, "render=dialogue", "roles={doctor: '医生：', system: null}"])
+    assert cfg.roles == {"doctor": "医生：", "system": None}
+    # Unset and empty give the same resume fingerprint.
+    assert SourceConfig(fields={}).reader_options() == SourceConfig().reader_options()
+    with pytest.raises(ConfigError, match="fields=.* must map names to record keys"):
+        PreprocessConfig(tokenizer="t", output_dir="o", input="x", fields=["问"])
+
+
+def test_max_malformed_share_is_validated():
+    with pytest.raises(ConfigError, match=r"max_malformed_share=1\.5 must be in \[0, 1\]"):
+        PreprocessConfig(tokenizer="t", output_dir="o", input="x", max_malformed_share=1.5)
+    assert _compose(["input=x", "tokenizer=t", "output_dir=o"]).max_malformed_share == 0.5

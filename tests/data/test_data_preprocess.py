@@ -15,6 +15,7 @@ from data_fixtures import check_accounting, expected_texts, hf_ids, qa_rows, rea
 
 from sfmed.config.data import PreprocessConfig, SourceConfig
 from sfmed.data import preprocess as pp
+from sfmed.data.io import InputError
 
 QA_TPL = "问：{question}\n答：{answer}"
 SHARED_PAIR = {"question": "同一个问题出现在两个语料里？", "answer": "是的，只保留一次。"}
@@ -409,3 +410,178 @@ def test_jsonl_text_field_fast_path_counts_everything(tmp_path, tiny_tokenizer_d
         texts[-1] = "html and spaces"
     eod = report["settings"]["tokenizer"]["eod_id"]
     assert read_docs(tmp_path / "out/x_text_document") == hf_ids(tiny_tokenizer_dir, texts, eod)
+
+
+def _adhoc(tmp_path, tok, f, **kw) -> PreprocessConfig:
+    return PreprocessConfig(
+        tokenizer=str(tok), output_dir=str(tmp_path / "out"), input=str(f), reader="jsonl", **kw
+    )
+
+
+def test_malformed_share_above_the_limit_rejects_the_source(tmp_path, tiny_tokenizer_dir):
+    """Issue 9.2: more than max_malformed_share (default 0.5) malformed/undecodable -> refused."""
+    good = [{"text": r["question"] + r["answer"]} for r in qa_rows(4)]
+    bad = [{"txt": r["question"] + r["answer"]} for r in qa_rows(5, offset=10)]
+    raw = {9: b'{"text": "\xff\xfe invalid utf-8 bytes"}'}  # one decode error
+    f = write_jsonl(tmp_path / "raw/mix.jsonl", good + bad, raw_lines=raw)  # 6 of 10 bad
+    with pytest.raises(pp.SourceRejectedError) as e:
+        pp.preprocess(_adhoc(tmp_path, tiny_tokenizer_dir, f))
+    msg = str(e.value)
+    assert "source mix: 6 of 10 records (60.0%) are malformed or undecodable" in msg
+    assert "max_malformed_share=0.5" in msg and "malformed 5" in msg and "decode errors) 1" in msg
+    assert "max_malformed_share=0.65" in msg  # what would accept it
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".preprocess.lock",
+        "report.json",
+        "report.md",
+    ]
+    md = (tmp_path / "out/report.md").read_text()
+    assert "## Rejected sources (no outputs)" in md and "mix (rejected)" in md
+
+    report = pp.preprocess(_adhoc(tmp_path, tiny_tokenizer_dir, f, max_malformed_share=0.6))
+    assert report["sources"]["mix"]["records_kept"] == 4 and "rejected" not in report["sources"]
+    assert len(read_docs(tmp_path / "out/mix_text_document")) == 4
+    # 4 of 10 bad is under the default limit.
+    more = [{"text": r["question"] + r["answer"]} for r in qa_rows(2, offset=20)]
+    g = write_jsonl(tmp_path / "raw/ok.jsonl", good + more + bad[:4])
+    report = pp.preprocess(_adhoc(tmp_path, tiny_tokenizer_dir, g))
+    assert report["sources"]["ok"]["dropped"]["malformed"] == 4
+    assert report["sources"]["ok"]["records_kept"] == 6
+
+
+def test_a_rejected_source_stops_the_run_after_the_complete_ones(
+    corpora, tiny_tokenizer_dir, tmp_path
+):
+    root, sources = corpora
+    sources = {
+        "book": sources["book"],
+        "wrong": SourceConfig(files=["qa/*.jsonl"], reader="jsonl", text_field="content"),
+        "exam": sources["exam"],
+    }
+    with pytest.raises(pp.SourceRejectedError, match="source wrong: 0 of 38 records kept"):
+        pp.preprocess(_cfg(root, sources, tiny_tokenizer_dir, tmp_path / "out"))
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "book_text_document.json" in names and "book_text_document.bin" in names
+    assert not [n for n in names if n.startswith(("wrong", ".wrong", "exam", ".exam"))]
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert list(report["sources"]) == ["book", "wrong"] and report["sources"]["wrong"]["rejected"]
+    assert report["total"]["records_read"] == report["sources"]["book"]["records_read"]
+
+
+def test_missing_inputs_of_every_source_are_reported_at_once(tmp_path, tiny_tokenizer_dir):
+    """Issue 9.18: all missing files/globs in one error, not one per run."""
+    (tmp_path / "raw/here").mkdir(parents=True)
+    (tmp_path / "raw/here/a.jsonl").write_text('{"text": "x"}\n')
+    sources = {
+        "a": SourceConfig(files=["here/*.jsonl", "gone/*.jsonl"], reader="jsonl"),
+        "b": SourceConfig(files=["nothing.jsonl"], reader="jsonl"),
+        "c": SourceConfig(files=["here/a.jsonl"], reader="jsonl"),
+    }
+    with pytest.raises(InputError) as e:
+        pp.preprocess(_cfg(tmp_path / "raw", sources, tiny_tokenizer_dir, tmp_path / "out"))
+    lines = str(e.value).splitlines()
+    assert lines[0] == "2 inputs are missing:"
+    assert "source a:" in lines[1] and "gone/*.jsonl" in lines[1] and "matches no files" in lines[1]
+    assert "source b:" in lines[2] and "nothing.jsonl does not exist" in lines[2]
+    assert not (tmp_path / "out").exists()
+
+
+def _tokens_from_sidecars(out: Path) -> dict[str, tuple[str, int, int]]:
+    """(group, documents, tokens) of every output, read from the sidecars and .idx headers."""
+    from sfmed.data.indexed import read_index_header
+
+    res = {}
+    for f in sorted(out.glob("*_text_document.json")):
+        meta = json.loads(f.read_text())
+        prefix = str(f)[: -len(".json")]
+        h = read_index_header(prefix)
+        res[meta["source"]] = (meta["group"], h["documents"], h["tokens"])
+    return res
+
+
+def test_report_summary_first_and_merged_over_runs(corpora, tiny_tokenizer_dir, tmp_path):
+    """Issues 9.18 and 9.21: the SFMed-shaped summary (corpus, records, tokens, share, group
+    subtotals) comes first; a second run into the same folder keeps the first run's sources,
+    each with the run that produced it."""
+    root, sources = corpora
+    out = tmp_path / "out"
+    first = {k: sources[k] for k in ("qa", "book")}
+    pp.preprocess(_cfg(root, first, tiny_tokenizer_dir, out))
+    second = {k: sources[k] for k in ("exam", "chat")}
+    report = pp.preprocess(_cfg(root, second, tiny_tokenizer_dir, out, dedup="none"))
+    assert list(report["sources"]) == ["exam", "chat", "qa", "book"]
+    runs = {n: s["run"] for n, s in report["sources"].items()}
+    assert runs["exam"] == runs["chat"] != runs["qa"] == runs["book"]
+    assert report["runs"][runs["qa"]]["dedup"] == "exact"
+    assert report["runs"][runs["exam"]]["dedup"] == "none"
+    check_accounting(report)
+
+    truth = _tokens_from_sidecars(out)
+    assert set(truth) == {"qa", "book", "exam", "chat"}
+    total = sum(t for _, _, t in truth.values())
+    md = (out / "report.md").read_text()
+    lines = md.splitlines()
+    head = lines.index(
+        "| 数据集名称 (corpus) | group | 数据集条数 (records) | 数据集Token数 (tokens) | 占比 (share) |"
+    )
+    accounting = lines.index("## Accounting")
+    assert 0 < head < accounting and all(not ln.startswith("|") for ln in lines[:head])
+    rows = {ln.split(" | ")[0].strip("| *"): ln for ln in lines[head + 2 : accounting] if ln}
+    for name, (group, docs, tokens) in truth.items():
+        cells = [c.strip() for c in rows[name].strip("|").split("|")]
+        assert cells[1] == group and cells[2] == f"{docs:,}"
+        assert cells[4] == f"{100 * tokens / total:.1f}%"
+    for group in ("medical", "general"):
+        tokens = sum(t for g, _, t in truth.values() if g == group)
+        docs = sum(d for g, d, _ in truth.values() if g == group)
+        cells = [c.strip(" *") for c in rows[f"{group} subtotal"].strip("|").split("|")]
+        assert cells[2] == f"{docs:,}" and cells[4] == f"{100 * tokens / total:.1f}%"
+    assert [c.strip(" *") for c in rows["total"].strip("|").split("|")][4] == "100.0%"
+    runs_at = lines.index("## Runs")
+    run_lines = [ln for ln in lines[runs_at:] if ln.startswith("- run ")]
+    assert len(run_lines) == 2
+    assert any("(qa, book)" in ln and "dedup=exact" in ln for ln in run_lines)
+    assert any("(exam, chat)" in ln and "dedup=none" in ln for ln in run_lines)
+
+    # A source whose outputs are gone drops out of the merged report.
+    for ext in (".json", ".bin", ".idx", ".dedup.npz"):
+        (out / f"book_text_document{ext}").unlink()
+    report = pp.preprocess(_cfg(root, {"exam": sources["exam"]}, tiny_tokenizer_dir, out))
+    assert sorted(report["sources"]) == ["chat", "exam", "qa"]
+
+
+def test_exact_dedup_compares_whole_long_documents(tmp_path, tiny_tokenizer_dir):
+    """Issue 15.8: long documents sharing a 100+ character prefix are different documents;
+    exact copies of long documents are duplicates."""
+    prefix = "慢性胃炎的治疗原则是去除病因、缓解症状和预防复发，" * 8  # 200 characters
+    assert len(prefix) >= 200
+    tails = [
+        "幽门螺杆菌阳性者应行根除治疗，疗程十四天。" * 6,
+        "伴胆汁反流者可加用促胃肠动力药和黏膜保护剂。" * 6,
+        "有焦虑抑郁者可考虑心理干预，规律饮食，戒烟限酒。" * 6,
+    ]
+    docs = [prefix + t for t in tails]
+    assert all(len(d) > 300 for d in docs)
+    rows = [docs[0], docs[1], docs[0], docs[2], docs[1], prefix + tails[2][:-1]]
+    f = write_jsonl(tmp_path / "raw/long.jsonl", [{"text": t} for t in rows])
+    report = pp.preprocess(_adhoc(tmp_path, tiny_tokenizer_dir, f, text_field="text"))
+    s = report["sources"]["long"]
+    assert s["records_kept"] == 4 and s["dropped"]["duplicate"] == 2
+    kept = [docs[0], docs[1], docs[2], prefix + tails[2][:-1]]
+    eod = report["settings"]["tokenizer"]["eod_id"]
+    assert read_docs(tmp_path / "out/long_text_document") == hf_ids(tiny_tokenizer_dir, kept, eod)
+
+
+def test_empty_outputs_of_an_earlier_run_are_not_reused(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Outputs with 0 documents (what earlier versions wrote and called complete) are redone,
+    and so refused, instead of being reused."""
+    f = tmp_path / "raw/empty.jsonl"
+    f.parent.mkdir()
+    f.write_bytes(b"")
+    with monkeypatch.context() as m:
+        m.setattr(pp, "rejection", lambda acc, cfg: None)  # the old behaviour
+        pp.preprocess(_adhoc(tmp_path, tiny_tokenizer_dir, f))
+    assert (tmp_path / "out/empty_text_document.bin").stat().st_size == 0
+    with pytest.raises(pp.SourceRejectedError, match="source empty: no records"):
+        pp.preprocess(_adhoc(tmp_path, tiny_tokenizer_dir, f))
+    assert not list((tmp_path / "out").glob("empty_text_document*"))
