@@ -27,8 +27,14 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     result object (the JSON's content) with ``paths`` of the written files added.
     """
     out_dir = Path(cfg.output_dir)
-    check_destination(out_dir / f"{cfg.task}.json", cfg.overwrite)
+    try:
+        check_destination(out_dir / f"{cfg.task}.json", cfg.overwrite)
+    except OutputExistsError as e:
+        raise EvalConfigError(str(e)) from None
     ctx = RunContext(cfg=cfg, problems=Problems(strict=cfg.strict), out_dir=out_dir)
-    tr = TASK_FNS[cfg.task](ctx)
+    try:
+        tr = TASK_FNS[cfg.task](ctx)
+    finally:
+        ctx.close()
     paths = write_outputs(out_dir, cfg.task, tr.result, tr.markdown, tr.chart)
     return {**tr.result, "paths": paths}
