@@ -284,3 +284,29 @@ def test_suite_composes_from_yaml():
     # the example paths do not exist here: every model is named in one error
     with pytest.raises(ConfigError, match=r"(?s)SFMed.*HuatuoGPT2.*DISC-MedLLM"):
         OmegaConf.to_object(dcfg)
+
+
+def test_suite_with_an_openai_compatible_endpoint_and_given_answers(tmp_path):
+    """A peer served behind an OpenAI-compatible endpoint, ours from answers made elsewhere."""
+    qa = tmp_path / "qa.jsonl"
+    _jsonl(qa, [{"question": f"问题{i}", "reference": "低盐饮食"} for i in range(3)])
+    ours = tmp_path / "ours.jsonl"
+    _jsonl(ours, [{"id": str(i), "output": "低盐饮食"} for i in range(3)])
+    with FakeOpenAI(lambda messages, k: "多运动") as srv:
+        cfg = EvalConfig(
+            output_dir=str(tmp_path / "out"),
+            suite=SuiteConfig(
+                models=[
+                    SuiteModel(name="ours", generations={"qa": str(ours)}),
+                    SuiteModel(name="api", model="served", backend="openai", base_url=srv.base_url),
+                ],
+                datasets=[SuiteDataset(name="qa", kind="qa", data=str(qa), format="jsonl")],
+            ),
+        )
+        rep = run_suite(cfg)
+        asked = [r["messages"][-1]["content"] for r in srv.requests]
+    assert sorted(asked) == ["问题0", "问题1", "问题2"]  # concurrent requests
+    assert rep["tables"]["qa_rouge"]["rows"][0]["cells"]["api"]["wtl"] == [1.0, 0.0, 0.0]
+    assert rep["answers"]["api"]["qa"]["backend"]["backend"] == "openai"
+    assert rep["answers"]["ours"]["qa"]["made"] == "elsewhere"
+    assert "| qa | **1.0/0.0/0.0** |" in (tmp_path / "out" / "report.md").read_text("utf-8")
