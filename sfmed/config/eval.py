@@ -253,6 +253,11 @@ class SuiteConfig:
             problems.append("suite.datasets is empty: list at least one data set")
         if len(set(ds_names)) != len(ds_names) or "" in ds_names:
             problems.append(f"suite.datasets: every data set needs a unique name (got {ds_names})")
+        bad = [n for n in names + ds_names if "/" in n or "\\" in n or n.startswith(".")]
+        if bad:
+            problems.append(
+                f"suite: names {bad} are used as file names; drop '/', '\\' and leading dots"
+            )
         if self.ours is not None and self.ours not in names:
             problems.append(f"suite.ours={self.ours!r} is not one of the models {names}")
         for d in self.datasets:

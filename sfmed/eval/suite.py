@@ -73,7 +73,7 @@ class Suite:
             "format": d.format,
             "dataset_name": d.name,
             "cases": d.cases,
-            "limit": d.limit,
+            "limit": d.limit if d.limit is not None else self.cfg.limit,
             "model": None,
             "model_b": None,
             "generations": None,

@@ -253,7 +253,7 @@ def test_suite_config_errors_reported_together(tmp_path):
             suite=SuiteConfig(
                 ours="nobody",
                 models=[SuiteModel(name="a"), SuiteModel(name="a", model=str(tmp_path))],
-                datasets=[SuiteDataset(name="x", kind="essay", data="")],
+                datasets=[SuiteDataset(name="x/y", kind="essay", data="")],
             )
         )
     msg = str(e.value)
@@ -264,6 +264,7 @@ def test_suite_config_errors_reported_together(tmp_path):
         "needs data=",
         "suite.models[a] has no model= and no generations",
         "not a Hugging Face model folder",
+        "['x/y'] are used as file names",
     ):
         assert part in msg, part
 
