@@ -67,11 +67,15 @@ class RunContext:
         key = side or "model"
         if model:
             backend = self.backend(side)
+            before = dict(backend.info().get("truncated", {}))
             outs = backend.generate(list(chats), c.decoding, desc=f"{c.task} {side or ''}".strip())
             suffix = f"_{side}" if side else ""
             path = self.out_dir / f"{c.task}.generations{suffix}.jsonl"
             write_generations(path, ids, outs)
-            self.sources[key] = {**backend.info(), "generations_written": str(path)}
+            info = backend.info()
+            if "truncated" in info:  # this side's prompts only (an engine can serve both sides)
+                info["truncated"] = {k: v - before.get(k, 0) for k, v in info["truncated"].items()}
+            self.sources[key] = {**info, "generations_written": str(path)}
             self.generated = True
             return dict(zip(ids, outs))
         self.sources[key] = {"generations": str(gen_file)}
