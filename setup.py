@@ -62,7 +62,10 @@ setup(
         ],
         # Optional accelerators: detected at run time, never required.
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
-        "vllm": ["vllm>=0.6"],
+        # The backend (sfmed/eval/backends/vllm_backend.py) uses the V1 engine's API: token-id
+        # prompts, prompt_logprobs with enable_prefix_caching=False for scoring, and
+        # llm_engine.engine_core.shutdown() between models; older releases differ.
+        "vllm": ["vllm>=0.10.2"],
     },
     entry_points={"console_scripts": []},
 )

@@ -1,10 +1,11 @@
-"""Evaluate a model (or a generations file) on one task; writes <task>.json/.md/.png.
+"""Evaluate a model (or a generations file) on one task, or run a suite of models × data sets.
 
     python launch/evaluate.py task=mcq model=/ckpt/hf data=cmmlu/test format=cmmlu
-    python launch/evaluate.py task=rouge_pairwise data=huatuo26M_test.json \
+    python launch/evaluate.py task=rouge_pairwise data=huatuo26M_test.json \\
         generations_a=ours.jsonl generations_b=peer.jsonl
+    python launch/evaluate.py suite=sfmed_report      # conf/eval/suite/sfmed_report.yaml
 
-Tasks, data formats and how to reproduce each seed-report table: docs/evaluation.md.
+Tasks, data formats, prompt presets and suites: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -15,22 +16,32 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
 from sfmed.config.eval import EvalConfig, register
-from sfmed.eval.runner import USER_ERRORS, run_evaluation
+from sfmed.core.cli import run_cli
 
 register()
 
 
+def evaluate(dcfg: DictConfig) -> None:
+    """Validate the composed config, run the task or the suite, print where results went."""
+    cfg: EvalConfig = OmegaConf.to_object(dcfg)  # validates (EvalConfig.__post_init__)
+    if cfg.suite is not None:
+        from sfmed.eval.suite import run_suite
+
+        report = run_suite(cfg)
+    else:
+        from sfmed.eval.runner import run_evaluation
+
+        report = run_evaluation(cfg)
+    print(Path(report["paths"]["markdown"]).read_text(encoding="utf-8"))
+    print("written:", ", ".join(report["paths"].values()))
+
+
 @hydra.main(version_base="1.3", config_path="../conf/eval", config_name="evaluate")
 def main(dcfg: DictConfig) -> None:
-    try:
-        cfg: EvalConfig = OmegaConf.to_object(dcfg)  # validates (EvalConfig.__post_init__)
-        result = run_evaluation(cfg)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(Path(result["paths"]["markdown"]).read_text(encoding="utf-8"))
-    print("written:", ", ".join(result["paths"].values()))
+    run_cli("evaluate", evaluate, dcfg)
 
 
 if __name__ == "__main__":

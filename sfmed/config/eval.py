@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sfmed.core.errors import ConfigError, ConfigErrors
+
 TASKS = (
     "mcq",
     "rouge_pairwise",
@@ -23,7 +25,7 @@ PAIRWISE_TASKS = ("rouge_pairwise", "judge_pairwise")
 BACKENDS = ("hf", "transformers", "vllm", "openai")
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(ConfigError):
     """An evaluation setting that cannot work; the message names the value and the fix."""
 
 
@@ -115,6 +117,42 @@ class JudgeConfig(APIConfig):
     use_reference: bool = True  # show the reference answer to the judge
 
 
+PROMPT_PRESETS = ("sfmed", "lm_eval")
+CONTINUATIONS = ("letter", "option_text")
+
+
+@dataclass
+class MCQPromptConfig:
+    """The exam prompt: a preset, and optional overrides of its parts (null = the preset's).
+
+    ``sfmed`` (default): ``以下是中国关于{subject}考试的{kind}，请选出其中的正确答案。``, options
+    stripped, ``答案：`` then the bare letter. ``lm_eval``: byte-identical to lm-evaluation-
+    harness's ``cmmlu``/``ceval-valid`` tasks (their opening line per benchmark, options as
+    published, continuation `` A`` after the target delimiter, raw prompt without chat template
+    unless use_chat_template/chat_format says otherwise). docs/evaluation.md shows both.
+    """
+
+    preset: str = "sfmed"
+    opening: str | None = None  # first line; {subject} and {kind} are filled in
+    option_format: str | None = None  # one option line, e.g. "{letter}. {text}"
+    answer_cue: str | None = None  # ends the question block, e.g. "答案："
+    target_delimiter: str | None = None  # between the cue and the answer ("" or " ")
+    strip: bool | None = None  # strip whitespace around the question and option texts
+    continuation: str | None = None  # loglik candidates: letter | option_text
+
+    def __post_init__(self):
+        _choice("mcq.prompt.preset", self.preset, PROMPT_PRESETS)
+        if self.continuation is not None:
+            _choice("mcq.prompt.continuation", self.continuation, CONTINUATIONS)
+        if self.option_format is not None and not (
+            "{letter}" in self.option_format and "{text}" in self.option_format
+        ):
+            raise EvalConfigError(
+                f"mcq.prompt.option_format={self.option_format!r} must contain {{letter}} and "
+                "{text}"
+            )
+
+
 @dataclass
 class MCQConfig:
     """Exam multiple choice."""
@@ -122,6 +160,7 @@ class MCQConfig:
     mode: str = "generate"  # generate (answer extraction) | loglik (score option letters)
     shots: int = 0  # k-shot examples taken from dev_data (same subject), in file order
     dev_data: str | None = None
+    prompt: MCQPromptConfig = field(default_factory=MCQPromptConfig)
 
     def __post_init__(self):
         _choice("mcq.mode", self.mode, ("generate", "loglik"))
@@ -160,6 +199,105 @@ class DrugConfig:
             raise EvalConfigError(f"drug.prompt={self.prompt!r} must contain '{{drug}}'")
 
 
+SUITE_KINDS = ("qa", "mcq", "consultation", "drug")
+
+
+@dataclass
+class SuiteModel:
+    """One model of a suite: a column of the tables (or a row, for per-model tables)."""
+
+    name: str = ""  # label in the tables (and the folder of its generations)
+    model: str | None = None  # HF folder (hf/vllm) or served model name (openai)
+    backend: str = "hf"  # hf | vllm | openai
+    tokenizer: str | None = None  # tokenizer folder when the model folder has none
+    chat_format: str = "auto"  # how chats become its prompt (sfmed/eval/chat_formats.py)
+    base_url: str | None = None  # openai: the endpoint (default $OPENAI_BASE_URL)
+    # answers made elsewhere, by dataset name (JSONL {id, output}); used instead of generating
+    generations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SuiteDataset:
+    """One data set of a suite: a row of its table."""
+
+    name: str = ""  # row label, e.g. huatuo26M
+    kind: str = "qa"  # qa (QA-ROUGE / QA-GPT) | mcq (选择题) | consultation (CMB-Clin) | drug
+    data: str = ""
+    format: str = "auto"
+    group: str | None = None  # qa: datasets of one group get a pooled row after them ("All")
+    cases: str | None = None  # consultation: case descriptions
+    limit: int | None = None
+
+
+@dataclass
+class SuiteConfig:
+    """Several models × several data sets → the seed reports' tables (docs/evaluation.md)."""
+
+    name: str = "report"
+    ours: str | None = None  # the model compared against every other (default: the first)
+    models: list[SuiteModel] = field(default_factory=list)
+    datasets: list[SuiteDataset] = field(default_factory=list)
+    judge_qa: bool = False  # also the QA-GPT table (LLM judge; needs judge.model)
+    all_row: str = "All"  # label of pooled rows (QA groups, all MCQ questions)
+
+    def check(self) -> list[str]:
+        """Every problem of the suite's lists, as messages naming the entry and the fix."""
+        problems = []
+        names = [m.name for m in self.models]
+        if len(names) < 1:
+            problems.append("suite.models is empty: list at least one model")
+        if len(set(names)) != len(names) or "" in names:
+            problems.append(f"suite.models: every model needs a unique name (got {names})")
+        ds_names = [d.name for d in self.datasets]
+        if not ds_names:
+            problems.append("suite.datasets is empty: list at least one data set")
+        if len(set(ds_names)) != len(ds_names) or "" in ds_names:
+            problems.append(f"suite.datasets: every data set needs a unique name (got {ds_names})")
+        bad = [n for n in names + ds_names if "/" in n or "\\" in n or n.startswith(".")]
+        if bad:
+            problems.append(
+                f"suite: names {bad} are used as file names; drop '/', '\\' and leading dots"
+            )
+        if self.ours is not None and self.ours not in names:
+            problems.append(f"suite.ours={self.ours!r} is not one of the models {names}")
+        for d in self.datasets:
+            if d.kind not in SUITE_KINDS:
+                problems.append(
+                    f"suite.datasets[{d.name}].kind={d.kind!r} is not one of {list(SUITE_KINDS)}"
+                )
+            if not d.data:
+                problems.append(f"suite.datasets[{d.name}] needs data=<file or folder>")
+            if d.limit is not None and d.limit < 1:
+                problems.append(f"suite.datasets[{d.name}].limit={d.limit} must be >= 1")
+        for m in self.models:
+            if m.backend not in ("hf", "vllm", "openai"):
+                problems.append(
+                    f"suite.models[{m.name}].backend={m.backend!r} is not one of hf, vllm, openai"
+                )
+            unknown = sorted(set(m.generations) - set(ds_names))
+            if unknown:
+                problems.append(
+                    f"suite.models[{m.name}].generations names unknown data sets {unknown}"
+                )
+            missing = [d for d in ds_names if d not in m.generations]
+            if missing and not m.model:
+                problems.append(
+                    f"suite.models[{m.name}] has no model= and no generations for {missing}: "
+                    "give one of them"
+                )
+            if m.model and m.backend in ("hf", "vllm") and missing:
+                try:
+                    check_model_folder(m.model, m.tokenizer, where=f"suite.models[{m.name}].model")
+                except EvalConfigError as e:
+                    problems.append(str(e))
+        return problems
+
+    @property
+    def ours_name(self) -> str:
+        """The model every comparison is made from."""
+        return self.ours or self.models[0].name
+
+
 @dataclass
 class EvalConfig:
     """One evaluation run: a task, its data, and where answers come from."""
@@ -181,7 +319,13 @@ class EvalConfig:
     overwrite: bool = False
     strict: bool = True  # False: skip and count bad rows / missing generations
     limit: int | None = None  # first N items only (smoke runs)
-    use_chat_template: bool | None = None  # None = when the tokenizer has one
+    tokenizer: str | None = None  # tokenizer folder for model= when the model folder has none
+    tokenizer_b: str | None = None  # the same for model_b=
+    # How chats become prompt text (sfmed/eval/chat_formats.py): auto (the tokenizer's chat
+    # template when it has one, else plain) | template | plain | a registered family format
+    chat_format: str = "auto"
+    chat_format_b: str = "auto"
+    use_chat_template: bool | None = None  # shorthand: true = template, false = plain
     system_prompt: str | None = None
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     hf: HFConfig = field(default_factory=HFConfig)
@@ -191,12 +335,31 @@ class EvalConfig:
     mcq: MCQConfig = field(default_factory=MCQConfig)
     metric: TextMetricConfig = field(default_factory=TextMetricConfig)
     drug: DrugConfig = field(default_factory=DrugConfig)
+    # A suite (conf/eval/suite/<name>.yaml, selected with suite=<name>): many models × data sets
+    # into the seed reports' tables; task/data/model= are then unused.
+    suite: SuiteConfig | None = None
 
     def __post_init__(self):
         _choice("task", self.task, TASKS)
         _choice("backend", self.backend, BACKENDS)
         if self.backend == "transformers":
             self.backend = "hf"
+        if self.suite is not None:
+            problems = self.suite.check()
+            kinds = {d.kind for d in self.suite.datasets}
+            if "mcq" in kinds and self.mcq.mode != "generate":
+                problems.append(
+                    f"mcq.mode={self.mcq.mode}: a suite scores generated answers; use "
+                    "mcq.mode=generate (or single runs for log-likelihood scoring)"
+                )
+            if ("consultation" in kinds or self.suite.judge_qa) and not self.judge.model:
+                problems.append(
+                    "the suite has a judged table (consultation data or judge_qa=true): set "
+                    "judge.model=<served model name> (and judge.base_url= or $OPENAI_BASE_URL)"
+                )
+            if problems:
+                raise ConfigErrors(problems)
+            return
         if not self.data:
             raise EvalConfigError(f"task={self.task} needs data=<file or folder>")
         if self.limit is not None and self.limit < 1:
@@ -224,13 +387,9 @@ class EvalConfig:
         if self.task in ("judge_pairwise", "consultation"):
             self._check_judge()
         if self.backend in ("hf", "vllm"):
-            for m in (self.model, self.model_b):
-                if m and not (Path(m) / "config.json").is_file():
-                    raise EvalConfigError(
-                        f"model={m} is not a Hugging Face model folder (no config.json); convert "
-                        "a Megatron checkpoint with launch/convert.py to=hf, or use backend=openai "
-                        "for a served model name"
-                    )
+            for m, t in ((self.model, self.tokenizer), (self.model_b, self.tokenizer_b)):
+                if m:
+                    check_model_folder(m, t)
         if self.backend == "openai" and self.task == "mcq" and self.mcq.mode == "loglik":
             raise EvalConfigError(
                 "mcq.mode=loglik needs token log-probabilities: use backend=hf or vllm"
@@ -262,6 +421,33 @@ class EvalConfig:
     def uses_model(self) -> bool:
         """True when answers are generated here (a backend gets loaded)."""
         return bool(self.model or self.model_b)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_folder(model: str, tokenizer: str | None = None, where: str = "model") -> None:
+    """Refuse, before anything loads, a model folder without ``config.json`` or a tokenizer."""
+    if not (Path(model) / "config.json").is_file():
+        raise EvalConfigError(
+            f"{where}={model} is not a Hugging Face model folder (no config.json); convert "
+            "a Megatron checkpoint with launch/convert.py to=hf, or use backend=openai "
+            "for a served model name"
+        )
+    tok = Path(tokenizer) if tokenizer else Path(model)
+    if not any((tok / f).is_file() for f in TOKENIZER_FILES):
+        if tokenizer:
+            raise EvalConfigError(
+                f"tokenizer={tokenizer} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                "point it at the folder of the tokenizer the model was trained with"
+            )
+        raise EvalConfigError(
+            f"{where}={model} has no tokenizer files ({', '.join(TOKENIZER_FILES)}), e.g. a "
+            "model trained from random weights and exported without one; pass "
+            "tokenizer=<folder of the tokenizer its data was preprocessed with>, or copy that "
+            f"tokenizer's files into {model} (AutoTokenizer.from_pretrained(<folder>)"
+            f".save_pretrained('{model}'))"
+        )
 
 
 def register() -> None:

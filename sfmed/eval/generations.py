@@ -17,6 +17,23 @@ from sfmed.eval.items import DataError, Problems
 def read_generations(path: str | Path, ids: Sequence[str], problems: Problems) -> dict[str, str]:
     """Outputs by id for the items ``ids``; a missing id is a data problem naming file and id."""
     p = Path(path)
+    got = read_all_generations(p)
+    wanted = set(ids)
+    for i in ids:
+        if i not in got:
+            problems.report(f"{p}: no output for item id {i!r}")
+    extra = [k for k in got if k not in wanted]
+    if extra and len(extra) == len(got):
+        raise DataError(
+            f"{p}: none of its ids match the data (e.g. {extra[0]!r} vs {next(iter(ids), None)!r}); "
+            "ids are the data's own ids, else 0-based positions (see docs/evaluation.md)"
+        )
+    return {i: got[i] for i in ids if i in got}
+
+
+def read_all_generations(path: str | Path) -> dict[str, str]:
+    """Every ``id → output`` of a generations file, checked line by line."""
+    p = Path(path)
     if not p.is_file():
         raise DataError(f"generations file {p} does not exist")
     got: dict[str, str] = {}
@@ -35,17 +52,7 @@ def read_generations(path: str | Path, ids: Sequence[str], problems: Problems) -
         if key in got:
             raise DataError(f"{p} line {lineno}: duplicate id {key!r}")
         got[key] = r["output"]
-    wanted = set(ids)
-    for i in ids:
-        if i not in got:
-            problems.report(f"{p}: no output for item id {i!r}")
-    extra = [k for k in got if k not in wanted]
-    if extra and len(extra) == len(got):
-        raise DataError(
-            f"{p}: none of its ids match the data (e.g. {extra[0]!r} vs {next(iter(ids), None)!r}); "
-            "ids are the data's own ids, else 0-based positions (see docs/evaluation.md)"
-        )
-    return {i: got[i] for i in ids if i in got}
+    return got
 
 
 def write_generations(path: str | Path, ids: Sequence[str], outputs: Sequence[str]) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from sfmed.core.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data or generations file cannot be used as given (names the file, row and fix)."""
 
 
@@ -48,6 +50,10 @@ class MCQItem:
     row: int
     groups: dict[str, str] = field(default_factory=dict)
     explanation: str | None = None
+    # The question and option texts exactly as published (prompts that must match another
+    # harness byte for byte use these; ``question``/``options`` are whitespace-stripped).
+    raw_question: str | None = None
+    raw_options: dict[str, str] | None = None
 
     @property
     def multi(self) -> bool:

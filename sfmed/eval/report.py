@@ -88,18 +88,62 @@ def chart_win_tie_lose(path: Path, rows: Sequence[tuple[str, float, float, float
     plt.close(fig)
 
 
-def chart_bars(path: Path, labels: Sequence[str], values: Sequence[float], title: str, ylabel: str):
-    """Vertical bars with their values written on top."""
+def value_axis(values: Sequence[float], top: float | None = None) -> tuple[float, float]:
+    """Limits of a bar chart's value axis: from 0, to ``top`` (e.g. 100 for percentages) or a
+    little above the largest value; 1 when every value is 0 (never a range around zero)."""
+    if top is not None:
+        return 0.0, float(top)
+    hi = max([0.0, *values])
+    return 0.0, hi * 1.12 if hi > 0 else 1.0
+
+
+def chart_bars(
+    path: Path,
+    labels: Sequence[str],
+    values: Sequence[float],
+    title: str,
+    ylabel: str,
+    top: float | None = None,
+) -> tuple[float, float]:
+    """Vertical bars with their values written on top; returns the value axis limits."""
+    return chart_grouped_bars(path, labels, {"": list(values)}, title, ylabel, top)
+
+
+def chart_grouped_bars(
+    path: Path,
+    groups: Sequence[str],
+    series: dict[str, Sequence[float]],
+    title: str,
+    ylabel: str,
+    top: float | None = None,
+) -> tuple[float, float]:
+    """Bars per group (x), one colour per series (e.g. benchmarks × models); axis from 0.
+
+    Returns the value axis limits as drawn.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(labels) + 2), 3.6))
-    bars = ax.bar(range(len(labels)), values, color="#5c8ee6")
-    ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0, ha="right")
-    for b, v in zip(bars, values):
-        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    k = max(1, len(series))
+    width = 0.8 / k
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(groups) * k + 2), 3.6))
+    colors = ["#5c8ee6", "#f0a04b", "#6cc070", "#d9605a", "#9b7fd1", "#8c8c8c"]
+    for j, (name, values) in enumerate(series.items()):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(groups))]
+        bars = ax.bar(xs, values, width=width, color=colors[j % len(colors)], label=name or None)
+        for b, v in zip(bars, values):
+            ax.text(
+                b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7
+            )
+    ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 4 else 0, ha="right")
+    lims = value_axis([v for vs in series.values() for v in vs], top)
+    ax.set_ylim(*lims)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize=8, frameon=False)
     _save(fig, path)
+    got = tuple(float(x) for x in ax.get_ylim())
     plt.close(fig)
+    return got
 
 
 def write_outputs(

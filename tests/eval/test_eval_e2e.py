@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from joint import joint_loglik
 
 from conftest import REPO
 from sfmed.config.eval import DecodingConfig, EvalConfig, HFConfig, MCQConfig
@@ -126,13 +127,9 @@ def test_mcq_loglik_matches_unbatched_forward(tiny_model, mcq_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     for rec in r["records"]:
         ctx = tok.apply_chat_template(rec["prompt"], tokenize=False, add_generation_prompt=True)
-        ids = tok(ctx, add_special_tokens=False)["input_ids"]
         for letter, got in rec["logprobs"].items():
-            cont = tok(letter, add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                logits = model(torch.tensor([ids + cont])).logits[0].float()
-            lp = torch.log_softmax(logits, -1)
-            want = sum(float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(cont))
+            # the letter as it follows the prompt in one joint text (not encoded on its own)
+            want = joint_loglik(model, tok, ctx, letter, add_special_tokens=False)
             assert got == pytest.approx(want, abs=2e-4)
         assert rec["extracted"] == [max(rec["logprobs"], key=rec["logprobs"].get)]
 

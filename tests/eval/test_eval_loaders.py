@@ -75,6 +75,29 @@ def test_cmexam_options_per_line_and_multi_answer(tmp_path):
     assert items[1].subject == "cmexam" and items[1].groups == {}
 
 
+def test_cmexam_published_backslash_n_separators_and_nan_answer(tmp_path):
+    """The released CMExam CSV separates options with the two characters backslash + n, and
+    has a row whose answer is ``nan``."""
+    import csv
+
+    f = tmp_path / "test_with_annotations.csv"
+    with f.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Question", "Options", "Answer", "Explanation"])
+        w.writerow(["上消化道出血的预后取决于", r"A 原发病\nB 出血部位\nC 出血量\nD 年龄", "A", ""])
+        w.writerow(["哪项正确", r"A 甲\nB 乙\nC 丙", "nan", ""])
+        w.writerow(["多选", r"A. 甲\nB、乙\nC 丙\nD 丁", "BD", ""])
+    assert "\\n" in f.read_text("utf-8")  # the file really holds backslash-n
+    p = Problems(strict=False)
+    items = load_mcq(f, "auto", p)
+    assert [it.row for it in items] == [0, 2]
+    assert items[0].options == {"A": "原发病", "B": "出血部位", "C": "出血量", "D": "年龄"}
+    assert items[1].answer == ("B", "D") and items[1].options["B"] == "乙"
+    assert len(p.messages) == 1 and "row 1" in p.messages[0] and "'nan'" in p.messages[0]
+    with pytest.raises(DataError, match=r"row 1: answer 'nan'.*strict=false"):
+        load_mcq(f, "cmexam", Problems(strict=True))
+
+
 def test_cmb_json_groups_and_empty_option(tmp_path):
     rows = [
         {

@@ -9,28 +9,35 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sfmed.config.eval import DecodingConfig, HFConfig
-from sfmed.eval.backends.base import Backend, BackendError, Chat, render_plain
+from sfmed.config.eval import DecodingConfig, HFConfig, check_model_folder
+from sfmed.eval.backends.base import (
+    BackendError,
+    Chat,
+    LocalBackend,
+)
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HFBackend(Backend):
-    """``AutoModelForCausalLM`` + its tokenizer; chats rendered with the tokenizer's template."""
+class HFBackend(LocalBackend):
+    """``AutoModelForCausalLM`` + its tokenizer; chats rendered in the chosen chat format."""
 
     name = "hf"
 
-    def __init__(self, model_dir: str | Path, cfg: HFConfig, use_chat_template: bool | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        cfg: HFConfig,
+        chat_format: str = "auto",
+        tokenizer: str | Path | None = None,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise BackendError(
-                f"model={path} is not a Hugging Face model folder (no config.json); convert a "
-                "Megatron checkpoint with `launch/convert.py to=hf` first"
-            )
+        check_model_folder(str(path), str(tokenizer) if tokenizer else None)
+        tok_dir = Path(tokenizer) if tokenizer else path
         self.cfg = cfg
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -40,39 +47,34 @@ class HFBackend(Backend):
         dtype = _DTYPES.get(cfg.dtype) or (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32
         )
-        self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok = AutoTokenizer.from_pretrained(tok_dir)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
-        has_template = bool(getattr(self.tok, "chat_template", None))
-        if use_chat_template and not has_template:
-            raise BackendError(
-                f"use_chat_template=true but the tokenizer in {path} has no chat_template; "
-                "set use_chat_template=false for a base model"
-            )
-        self.chat = has_template if use_chat_template is None else use_chat_template
+        self._init_format(chat_format)
         kw = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
         self.model.to(self.device).eval()
-        self.model_dir = str(path)
+        self.max_len = getattr(self.model.config, "max_position_embeddings", None)
+        self.model_dir, self.tokenizer_dir = str(path), str(tok_dir)
         self.dtype = str(dtype).removeprefix("torch.")
-        logger.info("loaded %s on %s (%s), chat template: %s", path, self.device, dtype, self.chat)
+        logger.info(
+            "loaded %s on %s (%s), chat format: %s", path, self.device, dtype, self.fmt.name
+        )
 
     def info(self) -> dict:
-        """Model folder, dtype, batch size and whether the chat template was applied."""
+        """Model folder, dtype, batch size, chat format and prompt truncation counts."""
         return {
             "backend": "hf",
             "model": self.model_dir,
+            "tokenizer": self.tokenizer_dir,
             "dtype": self.dtype,
             "batch_size": self.cfg.batch_size,
-            "chat_template": self.chat,
+            "chat_format": self.fmt.name,
+            "chat_template": self.fmt.name == "template",
+            "max_len": self.max_len,
+            "truncated": dict(self.truncated),
         }
-
-    def render(self, chat: Chat) -> str:
-        """The exact prompt text the model sees."""
-        if self.chat:
-            return self.tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        return render_plain(chat)
 
     def _eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
@@ -82,21 +84,25 @@ class HFBackend(Backend):
         return ids
 
     def generation_config(self, d: DecodingConfig):
-        """A fresh ``GenerationConfig`` from ``d`` only (the folder's sampling defaults are not
-        used, so that the recorded parameters are the whole story)."""
+        """A complete ``GenerationConfig`` from ``d`` only.
+
+        Every field starts at transformers' global default, so ``generate`` fills nothing in from
+        the folder's ``generation_config.json``: the recorded parameters are the whole story, and
+        greedy decoding carries no sampling flags (which transformers would warn about).
+        """
         from transformers import GenerationConfig
 
-        kw = {
-            "max_new_tokens": d.max_new_tokens,
-            "do_sample": not d.greedy,
-            "repetition_penalty": d.repetition_penalty,
-            "eos_token_id": self._eos_ids(),
-            "pad_token_id": self.tok.pad_token_id,
-        }
+        kw = dict(GenerationConfig._get_default_generation_params())
+        kw.update(
+            max_new_tokens=d.max_new_tokens,
+            do_sample=not d.greedy,
+            repetition_penalty=d.repetition_penalty,
+            eos_token_id=self._eos_ids(),
+            pad_token_id=self.tok.pad_token_id,
+        )
+        kw.pop("max_length", None)
         if not d.greedy:
-            kw.update(temperature=d.temperature, top_p=d.top_p, top_k=d.top_k or None)
-        else:
-            kw.update(temperature=None, top_p=None, top_k=None)
+            kw.update(temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
         return GenerationConfig(**kw)
 
     @torch.inference_mode()
@@ -104,22 +110,22 @@ class HFBackend(Backend):
         self, chats: Sequence[Chat], decoding: DecodingConfig, desc: str = ""
     ) -> list[str]:
         """Batched generation, longest prompts first; the seed is reset per batch."""
-        texts = [self.render(c) for c in chats]
+        prompts = [self.fit(c, decoding.max_new_tokens) for c in chats]
         gc = self.generation_config(decoding)
-        order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
-        out: list[str] = [""] * len(texts)
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        out: list[str] = [""] * len(prompts)
         bs = self.cfg.batch_size
         batches = [order[s : s + bs] for s in range(0, len(order), bs)]
+        pad = self.tok.pad_token_id
         for b, idx in enumerate(tqdm(batches, desc=desc or "generate", unit="batch")):
-            enc = self.tok(
-                [texts[i] for i in idx],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=not self.chat,
-            ).to(self.device)
+            ids, mask = _left_pad([prompts[i] for i in idx], pad)
             torch.manual_seed(decoding.seed + b)
-            gen = self.model.generate(**enc, generation_config=gc)
-            new = gen[:, enc["input_ids"].shape[1] :]
+            gen = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=gc,
+            )
+            new = gen[:, ids.shape[1] :]
             for i, text in zip(idx, self.tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()
         return out
@@ -127,26 +133,14 @@ class HFBackend(Backend):
     @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[tuple[Chat, str]]) -> list[float]:
         """Sum of log P(continuation tokens | rendered chat), batched with left padding."""
-        enc = []
-        for chat, cont in requests:
-            ctx = self.tok(self.render(chat), add_special_tokens=not self.chat)["input_ids"]
-            cont_ids = self.tok(cont, add_special_tokens=False)["input_ids"]
-            if not cont_ids:
-                raise BackendError(f"continuation {cont!r} encodes to no tokens")
-            enc.append((ctx, cont_ids))
+        enc = [self.encode_request(chat, cont) for chat, cont in requests]
         order = sorted(range(len(enc)), key=lambda i: (-len(enc[i][0]) - len(enc[i][1]), i))
         out = [0.0] * len(enc)
         bs = self.cfg.batch_size
         batches = [order[s : s + bs] for s in range(0, len(order), bs)]
         pad = self.tok.pad_token_id
         for idx in tqdm(batches, desc="loglikelihood", unit="batch"):
-            seqs = [enc[i][0] + enc[i][1] for i in idx]
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, s in enumerate(seqs):
-                ids[r, width - len(s) :] = torch.tensor(s)
-                mask[r, width - len(s) :] = 1
+            ids, mask = _left_pad([enc[i][0] + enc[i][1] for i in idx], pad)
             # Left padding puts every continuation at the end, so only the last positions'
             # logits are computed (a full-vocabulary logit tensor per position is the memory hog).
             keep = max(len(enc[i][1]) for i in idx) + 1
@@ -166,7 +160,18 @@ class HFBackend(Backend):
         return out
 
     def close(self) -> None:
-        """Drop the model and free cached GPU memory."""
-        del self.model
+        """Drop the model and free cached GPU memory (a second call does nothing)."""
+        self.__dict__.pop("model", None)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of ``seqs`` padded on the left to the longest."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s) :] = 1
+    return ids, mask

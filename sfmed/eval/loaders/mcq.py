@@ -51,11 +51,12 @@ def _item(
     explanation=None,
 ) -> MCQItem | None:
     """Validate one question; returns None (after reporting) when it cannot be scored."""
-    opts = {
-        str(k).strip().upper(): str(v).strip()
+    raw = {
+        str(k).strip().upper(): str(v)
         for k, v in options.items()
         if v is not None and str(v).strip()
     }
+    opts = {k: v.strip() for k, v in raw.items()}
     if not str(question or "").strip():
         problems.report(f"{where}: empty question")
         return None
@@ -81,6 +82,8 @@ def _item(
         row=row,
         groups={k: str(v) for k, v in (groups or {}).items() if v not in (None, "")},
         explanation=str(explanation).strip() if explanation else None,
+        raw_question=str(question),
+        raw_options=dict(sorted(raw.items())),
     )
 
 
@@ -136,9 +139,14 @@ def load_ceval(path: Path, files: list[Path], problems: Problems) -> list[MCQIte
 
 
 def parse_option_lines(text: str, where: str) -> dict[str, str]:
-    """CMExam's ``Options`` cell: one option per line, ``A 原发病`` (also ``A.``/``A、``)."""
+    """CMExam's ``Options`` cell: one option per line, ``A 原发病`` (also ``A.``/``A、``).
+
+    The published CMExam CSV separates the options with the two characters backslash + ``n``
+    (``A 原发病\\nB 出血部位``), not with newlines; both separators are accepted.
+    """
     opts: dict[str, str] = {}
-    for line in unicodedata.normalize("NFKC", text or "").splitlines():
+    text = (text or "").replace("\\n", "\n")
+    for line in unicodedata.normalize("NFKC", text).splitlines():
         if not line.strip():
             continue
         m = _OPTION_LINE.match(line)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sfmed
 from sfmed.config.eval import EvalConfig
-from sfmed.eval.backends import Chat, make_backend
+from sfmed.eval.backends import BackendPool, Chat, side_spec
 from sfmed.eval.generations import read_generations, write_generations
 from sfmed.eval.items import Problems
 
@@ -35,6 +35,18 @@ class RunContext:
     out_dir: Path
     sources: dict[str, dict] = field(default_factory=dict)
     generated: bool = False
+    pool: BackendPool | None = None  # one engine at a time (created on first use)
+
+    def backend(self, side: str = "", scoring: bool = False):
+        """The engine of side ``''``/``'a'``/``'b'``; an equal spec reuses the loaded one."""
+        if self.pool is None:
+            self.pool = BackendPool(self.cfg)
+        return self.pool.get(side_spec(self.cfg, side, scoring=scoring))
+
+    def close(self) -> None:
+        """Release the loaded engine, if any."""
+        if self.pool is not None:
+            self.pool.close()
 
     def side_name(self, side: str) -> str:
         """The label of side ``''``/``'a'`` (model A) or ``'b'`` in tables."""
@@ -54,14 +66,17 @@ class RunContext:
         gen_file = {"": c.generations, "a": c.generations_a, "b": c.generations_b}[side]
         key = side or "model"
         if model:
-            backend = make_backend(c, model)
+            backend = self.backend(side)
+            before = dict(backend.info().get("truncated", {}))
             outs = backend.generate(list(chats), c.decoding, desc=f"{c.task} {side or ''}".strip())
             suffix = f"_{side}" if side else ""
             path = self.out_dir / f"{c.task}.generations{suffix}.jsonl"
             write_generations(path, ids, outs)
-            self.sources[key] = {**backend.info(), "generations_written": str(path)}
+            info = backend.info()
+            if "truncated" in info:  # this side's prompts only (an engine can serve both sides)
+                info["truncated"] = {k: v - before.get(k, 0) for k, v in info["truncated"].items()}
+            self.sources[key] = {**info, "generations_written": str(path)}
             self.generated = True
-            backend.close()
             return dict(zip(ids, outs))
         self.sources[key] = {"generations": str(gen_file)}
         return read_generations(gen_file, ids, self.problems)

@@ -103,6 +103,7 @@ def run_consultation(ctx: RunContext) -> TaskResult:
             [*means.values(), result["average"]],
             f"{name}: consultation",
             "score (1-5)",
+            top=5,
         )
 
     return TaskResult(result, md, chart)

@@ -6,20 +6,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sfmed.eval.backends import Chat
+from sfmed.eval.items import DrugItem
 from sfmed.eval.loaders import load_drugs
 from sfmed.eval.metrics import indication_hits
 from sfmed.eval.report import chart_bars, md_table, pct
 from sfmed.eval.tasks.common import RunContext, TaskResult, mean
 
 
-def run_drug_indication(ctx: RunContext) -> TaskResult:
-    """Prompt per drug, answers, hits per answer and the three criterion rates."""
+def build_prompts(ctx: RunContext) -> tuple[list[DrugItem], list[Chat]]:
+    """The drugs and the question asked about each (``drug.prompt``)."""
     c = ctx.cfg
     items = ctx.limit(load_drugs(c.data, ctx.problems, sep=c.drug.label_sep))
     sys = [{"role": "system", "content": c.system_prompt}] if c.system_prompt else []
     chats = [
         [*sys, {"role": "user", "content": c.drug.prompt.format(drug=it.drug)}] for it in items
     ]
+    return items, chats
+
+
+def run_drug_indication(ctx: RunContext) -> TaskResult:
+    """Prompt per drug, answers, hits per answer and the three criterion rates."""
+    c = ctx.cfg
+    items, chats = build_prompts(ctx)
     outs = ctx.answers([it.id for it in items], chats)
     records = []
     for it, chat in zip(items, chats):
@@ -69,6 +78,7 @@ def run_drug_indication(ctx: RunContext) -> TaskResult:
             [100 * rates[k] for k in ("c1", "c2", "c3")],
             f"{name}: drug indications",
             "hit rate (%)",
+            top=100,
         )
 
     return TaskResult(result, md, chart)

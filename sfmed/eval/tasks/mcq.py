@@ -4,64 +4,19 @@ subject, exam/question type and overall; multi-answer questions need an exact se
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import defaultdict
 from pathlib import Path
 
-from sfmed.eval.backends import Chat, make_backend
+from sfmed.eval.backends import Chat
 from sfmed.eval.extract import extract_choice
 from sfmed.eval.items import MCQItem
 from sfmed.eval.loaders import detect_mcq_format, load_mcq
+from sfmed.eval.prompts import MCQPrompt, candidates, mcq_prompt, resolve_prompt
 from sfmed.eval.report import chart_bars, md_table, pct
 from sfmed.eval.tasks.common import RunContext, TaskResult, accuracy_table
 
 logger = logging.getLogger(__name__)
-
-
-def _block(it: MCQItem, answer: bool) -> str:
-    opts = "\n".join(f"{k}. {v}" for k, v in it.options.items())
-    return f"{it.question}\n{opts}\n答案：" + ("".join(it.answer) if answer else "")
-
-
-# Chinese names of the medical subjects of CMMLU and C-Eval, used in the prompt like the
-# benchmarks' own scripts do; other subjects appear as named in the data.
-SUBJECT_ZH = {
-    "anatomy": "解剖学",
-    "clinical_knowledge": "临床知识",
-    "college_medical_statistics": "大学医学统计",
-    "college_medicine": "大学医学",
-    "genetics": "遗传学",
-    "human_sexuality": "人类性行为",
-    "nutrition": "营养学",
-    "professional_medicine": "专业医学",
-    "traditional_chinese_medicine": "中医中药",
-    "virology": "病毒学",
-    "clinical_medicine": "临床医学",
-    "basic_medicine": "基础医学",
-    "physician": "医师资格",
-    "veterinary_medicine": "兽医学",
-}
-
-
-def mcq_prompt(item: MCQItem, shots: list[MCQItem], system_prompt: str | None = None) -> Chat:
-    """The exam prompt (C-Eval/CMMLU style), with ``shots`` solved examples before the question."""
-    kind = "多项选择题（可能有多个正确答案）" if item.multi else "单项选择题"
-    subject = SUBJECT_ZH.get(item.subject, item.subject)
-    head = f"以下是中国关于{subject}考试的{kind}，请选出其中的正确答案。"
-    body = "\n\n".join([head, *(_block(s, True) for s in shots), _block(item, False)])
-    chat: Chat = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [*chat, {"role": "user", "content": body}]
-
-
-def candidates(item: MCQItem) -> list[str]:
-    """Continuations scored in log-likelihood mode: each letter, or every letter set (多选)."""
-    letters = list(item.options)
-    if not item.multi:
-        return letters
-    return [
-        "".join(c) for k in range(1, len(letters) + 1) for c in itertools.combinations(letters, k)
-    ]
 
 
 def _shot_pool(ctx: RunContext, items: list[MCQItem], fmt: str) -> dict[str, list[MCQItem]]:
@@ -88,13 +43,23 @@ def shots_for(item: MCQItem, pool: dict[str, list[MCQItem]], k: int) -> list[MCQ
     return same[:k]
 
 
+def build_prompts(ctx: RunContext) -> tuple[list[MCQItem], list[Chat], str, MCQPrompt]:
+    """Items, their chats, the resolved data format and prompt of an mcq run (no model)."""
+    c = ctx.cfg
+    fmt = detect_mcq_format(c.data) if c.format == "auto" else c.format
+    prompt = resolve_prompt(c.mcq.prompt, fmt)
+    items = ctx.limit(load_mcq(c.data, fmt, ctx.problems))
+    pool = _shot_pool(ctx, items, fmt)
+    chats = [
+        mcq_prompt(it, shots_for(it, pool, c.mcq.shots), prompt, c.system_prompt) for it in items
+    ]
+    return items, chats, fmt, prompt
+
+
 def run_mcq(ctx: RunContext) -> TaskResult:
     """Load, prompt, answer (generate + extract, or log-likelihood), score and tabulate."""
     c = ctx.cfg
-    fmt = detect_mcq_format(c.data) if c.format == "auto" else c.format
-    items = ctx.limit(load_mcq(c.data, fmt, ctx.problems))
-    pool = _shot_pool(ctx, items, fmt)
-    chats = [mcq_prompt(it, shots_for(it, pool, c.mcq.shots), c.system_prompt) for it in items]
+    items, chats, fmt, prompt = build_prompts(ctx)
     ids = [it.id for it in items]
     records = []
     if c.mcq.mode == "generate":
@@ -105,16 +70,17 @@ def run_mcq(ctx: RunContext) -> TaskResult:
             ex = extract_choice(outs[it.id], it.options, multi=it.multi)
             records.append(_record(it, chat, outs[it.id], ex.letters, ex.rule))
     else:
-        backend = make_backend(c, c.model)
-        reqs = [(chat, cand) for it, chat in zip(items, chats) for cand in candidates(it)]
+        backend = ctx.backend("", scoring=True)
+        cands = [candidates(it, prompt) for it in items]
+        reqs = [(chat, cont) for chat, cs in zip(chats, cands) for _, cont in cs]
         scores = iter(backend.loglikelihood(reqs))
         ctx.sources["model"] = backend.info()
-        backend.close()
-        for it, chat in zip(items, chats):
-            lp = {cand: next(scores) for cand in candidates(it)}
+        for it, chat, cs in zip(items, chats, cands):
+            lp = {letters: next(scores) for letters, _ in cs}
             best = max(lp, key=lambda k: (lp[k], -len(k)))
             r = _record(it, chat, best, tuple(best), "loglik")
             r["logprobs"] = lp
+            r["continuations"] = dict(cs)
             records.append(r)
     n = len(records)
     correct = sum(r["score"] for r in records)
@@ -127,6 +93,7 @@ def run_mcq(ctx: RunContext) -> TaskResult:
         shots=c.mcq.shots,
         dev_data=c.mcq.dev_data,
         resolved_format=fmt,
+        prompt=prompt.settings(),
     )
     result.update(
         accuracy=correct / n if n else 0.0,
@@ -189,6 +156,7 @@ def _chart(r: dict):
             [100 * table[k]["accuracy"] for k in labels],
             f"{r['dataset']}: accuracy by subject",
             "accuracy (%)",
+            top=100,
         )
 
     return draw

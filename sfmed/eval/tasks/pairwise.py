@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sfmed.eval.backends import Chat
 from sfmed.eval.backends.openai_api import parallel_map
 from sfmed.eval.items import QAItem
 from sfmed.eval.judge import Judge
@@ -18,12 +19,17 @@ from sfmed.eval.report import chart_win_tie_lose, md_table, wtl
 from sfmed.eval.tasks.common import RunContext, TaskResult, mean
 
 
-def _two_sides(ctx: RunContext) -> tuple[list[QAItem], dict[str, str], dict[str, str], str]:
+def build_prompts(ctx: RunContext) -> tuple[list[QAItem], list[Chat], str]:
+    """The questions (with their dialogue history as chat turns) and the resolved format."""
     c = ctx.cfg
     fmt = detect_qa_format(c.data) if c.format == "auto" else c.format
     items = ctx.limit(load_qa(c.data, fmt, ctx.problems))
+    return items, [it.messages(c.system_prompt) for it in items], fmt
+
+
+def _two_sides(ctx: RunContext) -> tuple[list[QAItem], dict[str, str], dict[str, str], str]:
+    items, chats, fmt = build_prompts(ctx)
     ids = [it.id for it in items]
-    chats = [it.messages(c.system_prompt) for it in items]
     a = ctx.answers(ids, chats, "a")
     b = ctx.answers(ids, chats, "b")
     return [it for it in items if it.id in a and it.id in b], a, b, fmt
@@ -42,7 +48,9 @@ def _base_record(it: QAItem, a: str, b: str) -> dict:
     }
 
 
-def _finish(ctx: RunContext, records: list[dict], fmt: str, title: str, **extra) -> TaskResult:
+def _finish(
+    ctx: RunContext, records: list[dict], fmt: str, title: str, note: str = "", **extra
+) -> TaskResult:
     stats = win_tie_lose([r["outcome"] for r in records])
     result = ctx.header(stats["n"], resolved_format=fmt, **extra.pop("settings"))
     result.update(
@@ -64,7 +72,8 @@ def _finish(ctx: RunContext, records: list[dict], fmt: str, title: str, **extra)
                 [[result["dataset"], wtl(result["win"], result["tie"], result["lose"])]],
             ),
             "",
-            f"Fractions of {result['n']} items, from A's side; skipped = {result['n_skipped']}.",
+            f"Fractions of {result['n']} items, from A's side ({result['name_a']}); "
+            f"skipped = {result['n_skipped']}.{note}",
         ]
     )
 
@@ -90,18 +99,27 @@ def run_rouge_pairwise(ctx: RunContext) -> TaskResult:
         rec = _base_record(it, a[it.id], b[it.id])
         rec.update(rouge_l_a=ra, rouge_l_b=rb, outcome=compare(ra, rb, c.metric.epsilon))
         records.append(rec)
+    ma = mean([r["rouge_l_a"] for r in records])
+    mb = mean([r["rouge_l_b"] for r in records])
+    tk = c.metric.tokenizer
+    note = (
+        f" Mean ROUGE-L F1: {ctx.side_name('a')} {ma:.4f}, {ctx.side_name('b')} {mb:.4f}; "
+        f"tokenizer: {tk} ({'every non-space character a token' if tk == 'char' else 'jieba words'})"
+        f", epsilon = {c.metric.epsilon}."
+    )
     return _finish(
         ctx,
         records,
         fmt,
         "QA-ROUGE",
+        note,
         settings={
             "metric": "rouge_l_f1",
             "tokenizer": c.metric.tokenizer,
             "epsilon": c.metric.epsilon,
         },
-        mean_rouge_l_a=mean([r["rouge_l_a"] for r in records]),
-        mean_rouge_l_b=mean([r["rouge_l_b"] for r in records]),
+        mean_rouge_l_a=ma,
+        mean_rouge_l_b=mb,
     )
 
 
@@ -119,6 +137,7 @@ def run_judge_pairwise(ctx: RunContext) -> TaskResult:
         records,
         fmt,
         "QA-GPT",
+        f" Judge: {c.judge.model}, both orders per pair.",
         settings={"judge": judge.info()},
         n_malformed=sum(r["malformed"] for r in records),
     )
