@@ -37,13 +37,18 @@ def main(cfg: DictConfig) -> None:
         )
         sys.exit(130)
     except Exception as e:
-        from sfmed.core.errors import ConfigError
+        from sfmed.core.errors import UserError
 
-        if not isinstance(e, (ConfigError, *USER_ERRORS)):
+        if not isinstance(e, (UserError, *USER_ERRORS)):
             raise
         print(f"preprocess: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(render_markdown(report))
+    if report.get("format") in ("sft", "preference"):
+        from sfmed.data.chat.preprocess import render_chat_markdown
+
+        print(render_chat_markdown(report))
+    else:
+        print(render_markdown(report))
 
 
 if __name__ == "__main__":

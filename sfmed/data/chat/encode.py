@@ -1,0 +1,217 @@
+"""Turns -> token ids + loss mask, with the chat format's pieces and the fast tokenizer backend.
+
+Fast path: the text pieces of a whole batch of conversations (cut only at special tokens, see
+:mod:`sfmed.data.chat.formats`) go through one ``encode_flat`` call of the preprocessing
+backend (gigatoken where it supports the tokenizer; ids equal HF ``tokenizers``), special tokens
+are looked up, and the ids are joined. The result equals ``apply_chat_template(messages)``
+(tests check it on the real Qwen2 tokenizer).
+
+The loss mask is decided by role span, never by token id: in a supervised piece, the tokens that
+hold any character at or after ``train_from`` are trained. The ids of the piece's head
+(``assistant\\n``) are looked up once; when they are a prefix of the piece's ids, the rest is
+exactly the content. Otherwise (a token merging head and content, which Qwen2's pre-tokenizer
+never produces for stripped content) the character offsets of HF ``tokenizers`` decide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sfmed.core.errors import ConfigError
+from sfmed.data.chat.formats import ChatFormat, Piece, Turn
+from sfmed.data.chat.turns import BadRecord
+
+
+@dataclass
+class Encoded:
+    """One encoded conversation: ``ids``, ``mask`` (1 = supervised target token) and
+    ``turn_ends`` (number of tokens up to the end of each turn)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    turn_ends: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def cut(self, n: int) -> Encoded:
+        """The first ``n`` tokens."""
+        return Encoded(self.ids[:n], self.mask[:n], self.turn_ends[self.turn_ends <= n])
+
+
+class ChatEncoder:
+    """Encode conversations with a chat format and a preprocessing tokenizer
+    (:func:`sfmed.data.tokenizer.load_tokenizer`)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        fmt: ChatFormat,
+        *,
+        mask: str = "all",
+        system_prompt: str | None = None,
+        require_alternation: bool = True,
+        tokenizer_path: str | Path | None = None,
+    ):
+        self.tok, self.fmt, self.mask_mode = tokenizer, fmt, mask
+        self.system_prompt = system_prompt
+        self.alternate = require_alternation or fmt.requires_alternation
+        self.tokenizer_path = tokenizer_path or tokenizer.info.path
+        self._hf = None
+        self.special_ids: dict[str, int] = {}
+        for s in fmt.specials:
+            ids, _ = tokenizer.encode_flat([s])
+            if ids.shape[0] != 1:
+                raise ConfigError(
+                    f"chat format {fmt.name} needs {s!r} as one special token, but the tokenizer "
+                    f"at {self.tokenizer_path} encodes it as {ids.tolist()}; choose the matching "
+                    "chat.template"
+                )
+            self.special_ids[s] = int(ids[0])
+        # Texts that recur in every conversation (separators, heads, the default system turn).
+        self._cache: dict[str, np.ndarray] = {}
+
+    # -- validation -------------------------------------------------------------------------
+
+    def prepare(self, turns: list[Turn], *, final: str = "assistant") -> list[Turn]:
+        """The turns with the system turn added, checked; raise :class:`BadRecord`.
+        ``final='user'`` checks a preference prompt (it must end on a user turn)."""
+        turns = self.fmt.with_system(turns, self.system_prompt)
+        prev = None
+        has_assistant = False
+        for i, t in enumerate(turns):
+            if t.role == "system":
+                if i:
+                    raise BadRecord("misplaced_system", f"system turn at position {i}")
+                continue
+            for s in self.fmt.specials:
+                if s in t.content:
+                    raise BadRecord("special_token", f"{t.role} turn contains {s!r}")
+            if t.role == "user" and not t.content:
+                raise BadRecord("empty_user", f"empty user turn at position {i}")
+            if t.role == "assistant":
+                if not t.content:
+                    raise BadRecord("empty_assistant", f"empty assistant turn at position {i}")
+                if prev is None:
+                    raise BadRecord("starts_on_assistant", "the first turn is the assistant's")
+                has_assistant = True
+            if self.alternate and t.role == prev:
+                raise BadRecord("consecutive_turns", f"two {t.role} turns in a row at {i}")
+            prev = t.role
+        if final == "assistant":
+            if not has_assistant:
+                raise BadRecord("no_assistant", "no assistant turn")
+            if prev != "assistant":
+                raise BadRecord("ends_on_user", "the conversation ends on a user turn")
+        elif prev != "user":
+            raise BadRecord("prompt_not_on_user", "the prompt does not end on a user turn")
+        return turns
+
+    def train_flags(self, turns: list[Turn], mask: str | None = None) -> list[bool]:
+        """Which turns are supervised under ``mask`` (default: the encoder's mode)."""
+        flags = [t.role == "assistant" for t in turns]
+        if (mask or self.mask_mode) == "last":
+            last = max(i for i, f in enumerate(flags) if f) if any(flags) else -1
+            flags = [i == last for i in range(len(turns))]
+        return flags
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def _const(self, text: str) -> np.ndarray:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids, _ = self.tok.encode_flat([text])
+            ids = self._cache[text] = ids.astype(np.int64)
+        return ids
+
+    def encode(self, convs: list[list[Turn]], train: list[list[bool]]) -> list[Encoded]:
+        """Encode prepared conversations (``train[k][i]``: turn ``i`` of ``k`` supervised)."""
+        all_pieces = [self.fmt.pieces(t, f) for t, f in zip(convs, train, strict=True)]
+        texts: list[str] = []
+        slots: list[list[int]] = []  # per piece: index into texts, or -1 (special/cached)
+        for pieces in all_pieces:
+            s = []
+            for p in pieces:
+                if p.special or (p.train_from is None and p.text in self._cache):
+                    s.append(-1)
+                else:
+                    s.append(len(texts))
+                    texts.append(p.text)
+            slots.append(s)
+        ids, offs = self.tok.encode_flat(texts)
+        out = []
+        for pieces, s in zip(all_pieces, slots, strict=True):
+            parts, masks = [], []
+            n_turns = pieces[-1].turn + 1 if pieces else 0
+            ends = np.zeros(n_turns, np.int64)
+            n = 0
+            for p, j in zip(pieces, s, strict=True):
+                if p.special:
+                    pid = np.array([self.special_ids[p.text]], np.int64)
+                    m = np.full(1, p.train_from is not None, np.uint8)
+                elif j < 0:
+                    pid = self._cache[p.text]
+                    m = np.zeros(pid.shape[0], np.uint8)
+                else:
+                    pid = ids[offs[j] : offs[j + 1]]
+                    m = self._piece_mask(p, pid)
+                parts.append(pid)
+                masks.append(m)
+                n += pid.shape[0]
+                ends[p.turn] = n
+            out.append(
+                Encoded(
+                    np.concatenate(parts) if parts else np.zeros(0, np.int64),
+                    np.concatenate(masks) if masks else np.zeros(0, np.uint8),
+                    ends,
+                )
+            )
+        return out
+
+    def _piece_mask(self, p: Piece, pid: np.ndarray) -> np.ndarray:
+        m = np.zeros(pid.shape[0], np.uint8)
+        if p.train_from is None:
+            if len(p.text) <= 64 and len(self._cache) < 4096:  # recurring texts: keep ids
+                self._cache.setdefault(p.text, np.asarray(pid, np.int64))
+            return m
+        head = self._const(p.text[: p.train_from])
+        k = head.shape[0]
+        if pid.shape[0] >= k and np.array_equal(pid[:k], head):
+            m[k:] = 1
+            return m
+        # A token spans the head and the content: decide by character offsets.
+        enc = self._hf_tokenizer().encode(p.text, add_special_tokens=False)
+        if list(enc.ids) != pid.tolist():
+            raise RuntimeError("tokenizer backends disagree on a chat piece; report this input")
+        for i, (_, end) in enumerate(enc.offsets):
+            m[i] = end > p.train_from
+        return m
+
+    def _hf_tokenizer(self):
+        if self._hf is None:
+            from tokenizers import Tokenizer
+
+            p = Path(self.tokenizer_path)
+            self._hf = Tokenizer.from_file(str(p if p.is_file() else p / "tokenizer.json"))
+        return self._hf
+
+    # -- over-long conversations ------------------------------------------------------------
+
+    def fit(self, turns: list[Turn], enc: Encoded, limit: int) -> Encoded | None:
+        """``enc`` cut after the last whole assistant turn that fits in ``limit`` tokens
+        (re-encoded when ``mask=last`` so that the kept final turn is the supervised one);
+        None when not even the first answer fits."""
+        if len(enc) <= limit:
+            return enc
+        keep = [
+            i for i, t in enumerate(turns) if t.role == "assistant" and enc.turn_ends[i] <= limit
+        ]
+        if not keep:
+            return None
+        cut = turns[: keep[-1] + 1]
+        if self.mask_mode == "last":
+            return self.encode([cut], [self.train_flags(cut)])[0]
+        return enc.cut(int(enc.turn_ends[keep[-1]]))
