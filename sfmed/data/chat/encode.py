@@ -72,7 +72,7 @@ class ChatEncoder:
                 )
             self.special_ids[s] = int(ids[0])
         # Texts that recur in every conversation (separators, heads, the default system turn).
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: dict[str, np.ndarray] = {}  # ids of the heads of supervised pieces
 
     # -- validation -------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ class ChatEncoder:
 
     # -- encoding ---------------------------------------------------------------------------
 
-    def _const(self, text: str) -> np.ndarray:
+    def _head(self, text: str) -> np.ndarray:
         ids = self._cache.get(text)
         if ids is None:
             ids, _ = self.tok.encode_flat([text])
@@ -128,58 +128,76 @@ class ChatEncoder:
         return ids
 
     def encode(self, convs: list[list[Turn]], train: list[list[bool]]) -> list[Encoded]:
-        """Encode prepared conversations (``train[k][i]``: turn ``i`` of ``k`` supervised)."""
-        all_pieces = [self.fmt.pieces(t, f) for t, f in zip(convs, train, strict=True)]
+        """Encode prepared conversations (``train[k][i]``: turn ``i`` of ``k`` supervised).
+
+        Every distinct text piece of the batch is tokenized once (separators, system prompts and
+        heads recur in every conversation); the conversations are then gathered with numpy.
+        """
+        if not convs:
+            return []
+        spec_code = {t: k for k, t in enumerate(self.special_ids)}
+        n_spec = len(spec_code)
+        index: dict[tuple[str, int | None], int] = {}
         texts: list[str] = []
-        slots: list[list[int]] = []  # per piece: index into texts, or -1 (special/cached)
-        for pieces in all_pieces:
-            s = []
+        supervised: list[tuple[int, Piece]] = []
+        src: list[int] = []  # per piece: text index, or -1 - special code
+        turn_of: list[int] = []
+        n_pieces: list[int] = []
+        for turns, flags in zip(convs, train, strict=True):
+            pieces = self.fmt.pieces(turns, flags)
+            n_pieces.append(len(pieces))
             for p in pieces:
-                if p.special or (p.train_from is None and p.text in self._cache):
-                    s.append(-1)
-                else:
-                    s.append(len(texts))
-                    texts.append(p.text)
-            slots.append(s)
-        ids, offs = self.tok.encode_flat(texts)
-        out = []
-        for pieces, s in zip(all_pieces, slots, strict=True):
-            parts, masks = [], []
-            n_turns = pieces[-1].turn + 1 if pieces else 0
-            ends = np.zeros(n_turns, np.int64)
-            n = 0
-            for p, j in zip(pieces, s, strict=True):
+                turn_of.append(p.turn)
                 if p.special:
-                    pid = np.array([self.special_ids[p.text]], np.int64)
-                    m = np.full(1, p.train_from is not None, np.uint8)
-                elif j < 0:
-                    pid = self._cache[p.text]
-                    m = np.zeros(pid.shape[0], np.uint8)
-                else:
-                    pid = ids[offs[j] : offs[j + 1]]
-                    m = self._piece_mask(p, pid)
-                parts.append(pid)
-                masks.append(m)
-                n += pid.shape[0]
-                ends[p.turn] = n
-            out.append(
-                Encoded(
-                    np.concatenate(parts) if parts else np.zeros(0, np.int64),
-                    np.concatenate(masks) if masks else np.zeros(0, np.uint8),
-                    ends,
-                )
-            )
+                    # Supervised specials come from the second half of the special pool.
+                    code = spec_code[p.text] + (n_spec if p.train_from is not None else 0)
+                    src.append(-1 - code)
+                    continue
+                key = (p.text, p.train_from)
+                j = index.get(key)
+                if j is None:
+                    j = index[key] = len(texts)
+                    texts.append(p.text)
+                    if p.train_from is not None:
+                        supervised.append((j, p))
+                src.append(j)
+        ids, offs = self.tok.encode_flat(texts)
+        n_text = ids.shape[0]
+        spec_ids = np.array(list(self.special_ids.values()) * 2, np.int64)
+        all_ids = np.concatenate([ids.astype(np.int64, copy=False), spec_ids])
+        all_mask = np.zeros(all_ids.shape[0], np.uint8)
+        all_mask[n_text + n_spec :] = 1
+        for j, p in supervised:
+            a, b = int(offs[j]), int(offs[j + 1])
+            all_mask[a:b] = self._piece_mask(p, ids[a:b])
+        ps = np.asarray(src, np.int64)
+        special = ps < 0
+        j = np.where(special, 0, ps)
+        starts = np.where(special, n_text - 1 - ps, offs[j])
+        lens = np.where(special, 1, offs[j + 1] - offs[j])
+        out_end = np.cumsum(lens)
+        gather = np.repeat(starts - (out_end - lens), lens) + np.arange(int(out_end[-1]))
+        flat_ids, flat_mask = all_ids[gather], all_mask[gather]
+        # Conversation and turn boundaries, from the pieces' ends.
+        conv_last = np.cumsum(n_pieces) - 1
+        t = np.asarray(turn_of, np.int64)
+        last = np.ones(t.shape[0], bool)
+        last[:-1] = t[1:] != t[:-1]
+        last[conv_last] = True
+        conv_end = out_end[conv_last].tolist()
+        turn_ends = np.split(out_end[last], np.cumsum(t[conv_last] + 1)[:-1])
+        out, a = [], 0
+        for b, te in zip(conv_end, turn_ends, strict=True):
+            out.append(Encoded(flat_ids[a:b], flat_mask[a:b], te - a))
+            a = b
         return out
 
     def _piece_mask(self, p: Piece, pid: np.ndarray) -> np.ndarray:
-        m = np.zeros(pid.shape[0], np.uint8)
-        if p.train_from is None:
-            if len(p.text) <= 64 and len(self._cache) < 4096:  # recurring texts: keep ids
-                self._cache.setdefault(p.text, np.asarray(pid, np.int64))
-            return m
-        head = self._const(p.text[: p.train_from])
+        n = pid.shape[0]
+        head = self._head(p.text[: p.train_from])
         k = head.shape[0]
-        if pid.shape[0] >= k and np.array_equal(pid[:k], head):
+        m = np.zeros(n, np.uint8)
+        if n >= k and (pid[:k] == head).all():
             m[k:] = 1
             return m
         # A token spans the head and the content: decide by character offsets.

@@ -10,22 +10,20 @@ registered in :data:`FORMATS`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from sfmed.core.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class Turn:
+class Turn(NamedTuple):
     """One message: ``role`` is ``system``, ``user`` or ``assistant``."""
 
     role: str
     content: str
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """A special token (``special`` = its text) or a text piece.
 
     ``train_from``: for text, the character offset from which the piece is supervised (tokens
@@ -123,6 +121,24 @@ def chat_template_of(tokenizer_dir: str | Path) -> str | None:
     return None
 
 
+def _jinja(template: str):
+    """``render(messages) -> str`` with the Jinja settings transformers' ``apply_chat_template``
+    uses (sandboxed, trim_blocks, lstrip_blocks, loop controls); importing transformers (and
+    torch) here would cost more than preprocessing a small corpus."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ConfigError(f"the chat_template refused a probe conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.globals["raise_exception"] = raise_exception
+    tpl = env.from_string(template)
+    return lambda msgs: tpl.render(messages=msgs, add_generation_prompt=False)
+
+
 def resolve_format(name: str, tokenizer_dir: str | Path) -> ChatFormat:
     """The chat format for ``chat.template=name``; with the tokenizer's own template, check that
     our rendering equals ``apply_chat_template(tokenize=False)`` on probe conversations (with and
@@ -142,15 +158,13 @@ def resolve_format(name: str, tokenizer_dir: str | Path) -> ChatFormat:
             )
     fmt = FORMATS[name]()
     if template is not None:
-        from transformers import AutoTokenizer
-
-        hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        render = _jinja(template)
         for given, turns in (
             (_PROBE, fmt.with_system(_PROBE, None)),
             ([Turn("system", "你是医生。"), *_PROBE],) * 2,
         ):
             msgs = [{"role": t.role, "content": t.content} for t in given]
-            want = hf.apply_chat_template(msgs, tokenize=False)
+            want = render(msgs)
             if want != fmt.render(turns):
                 raise ConfigError(
                     f"chat.template={name}: the tokenizer's chat_template at {tokenizer_dir} "
