@@ -6,6 +6,8 @@ Examples::
         'template=["问：{instruction}","答：{output}"]' tokenizer=tok/qwen2 output_dir=data/indexed
     python launch/preprocess.py 'sources=[huatuo26m_lite,cmtmedqa,wiki2019zh]' \
         data_root=data/raw tokenizer=tok/qwen2 output_dir=data/indexed workers=16
+    python launch/preprocess.py format=sft 'sources=[cmtmedqa,disc_med_sft]' \
+        data_root=data/raw tokenizer=tok/qwen2 output_dir=data/sft chat.seq_length=4096
 """
 
 import logging

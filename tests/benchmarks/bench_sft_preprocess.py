@@ -7,7 +7,9 @@ CSV), repeated with a shuffle until there are ``--convs`` of them. The SFT input
 ``{"messages": [...]}``; the pretraining input holds, for each, the text of its turns joined by
 newlines (``{"text": ...}``), so both tokenize the same characters. Both run in fresh child
 processes pinned to the same cores, timed inside from "start" to "outputs written" (interpreter
-start and imports excluded), interleaved over rounds; ratios are medians of per-round ratios.
+start and imports excluded), interleaved over rounds; ratios are medians of per-round ratios,
+of wall time and of CPU time (user + sys of all threads; on a shared machine the wall clock also
+measures the neighbours).
 Pretraining runs in its fastest mode (``clean=false dedup=none``, pure tokenization + writing)
 and its default mode (cleaning + exact dedup); SFT runs with its defaults (seq 4096, packing).
 
@@ -32,16 +34,20 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("SFMED_SHARED", REPO.parent / "shared"))
 
 CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
+def _cpu():
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 from sfmed.config.data import PreprocessConfig
 from sfmed.data.preprocess import preprocess
 tok, inp, out, fmt, clean, dedup = sys.argv[1:7]
 kw = dict(render="dialogue") if fmt == "sft" else dict(clean=clean == "true", dedup=dedup)
 cfg = PreprocessConfig(tokenizer=tok, output_dir=out, input=inp, reader="jsonl", name="bench",
                        format=fmt, **kw)
-t0 = time.perf_counter()
+c0, t0 = _cpu(), time.perf_counter()
 report = preprocess(cfg)
 print("SECONDS", time.perf_counter() - t0)
+print("CPU", _cpu() - c0)
 print("REPORT", json.dumps(report["total"]))
 """
 
@@ -92,7 +98,8 @@ def build_inputs(work: Path, n: int, seed: int = 0) -> tuple[Path, Path, int]:
     return sft, pre, chars
 
 
-def run_child(args: list[str], cores: list[int] | None) -> tuple[float, dict]:
+def run_child(args: list[str], cores: list[int] | None) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds, report totals) of one child run."""
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="true")
     pre = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     proc = subprocess.run(
@@ -107,8 +114,9 @@ def run_child(args: list[str], cores: list[int] | None) -> tuple[float, dict]:
         raise RuntimeError(f"child failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     lines = proc.stdout.splitlines()
     secs = next(float(x.split()[1]) for x in lines if x.startswith("SECONDS"))
+    cpu = next(float(x.split()[1]) for x in lines if x.startswith("CPU"))
     report = json.loads(next(x[7:] for x in lines if x.startswith("REPORT ")))
-    return secs, report
+    return secs, cpu, report
 
 
 def main() -> None:
@@ -140,18 +148,24 @@ def main() -> None:
     }
     names = list(runs)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpus: dict[str, list[float]] = {n: [] for n in names}
     reports: dict[str, dict] = {}
     for r in range(args.rounds):
         for n in names[r % 3 :] + names[: r % 3]:
             out = work / f"{n}_{r}"
             inp = sft_in if n == "sft" else pre_in
-            secs, rep = run_child([str(args.tokenizer), str(inp), str(out), *runs[n]], cores)
+            secs, cpu, rep = run_child([str(args.tokenizer), str(inp), str(out), *runs[n]], cores)
             times[n].append(secs)
+            cpus[n].append(cpu)
             reports[n] = rep
-        print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+        print(
+            f"round {r + 1}: "
+            + ", ".join(f"{n} {times[n][-1]:.2f}s (cpu {cpus[n][-1]:.2f}s)" for n in names),
+            flush=True,
+        )
 
-    def ratio(base: str) -> float:
-        return statistics.median(a / b for a, b in zip(times["sft"], times[base], strict=True))
+    def ratio(base: str, m: dict[str, list[float]]) -> float:
+        return statistics.median(a / b for a, b in zip(m["sft"], m[base], strict=True))
 
     sft = reports["sft"]
     result = {
@@ -161,18 +175,22 @@ def main() -> None:
         "tokens": {"sft": sft["tokens"], "pretrain": reports["pretrain_fast"]["tokens"]},
         "sft_supervised_tokens": sft["supervised_tokens"],
         "sft_packing_efficiency": round(sft["packing"]["efficiency"], 4),
-        "ratio_sft_vs_pretrain_fast": round(ratio("pretrain_fast"), 3),
-        "ratio_sft_vs_pretrain_default": round(ratio("pretrain_default"), 3),
+        "cpu_median": {n: round(statistics.median(v), 3) for n, v in cpus.items()},
+        "wall_ratio_vs_pretrain_fast": round(ratio("pretrain_fast", times), 3),
+        "wall_ratio_vs_pretrain_default": round(ratio("pretrain_default", times), 3),
+        "cpu_ratio_vs_pretrain_fast": round(ratio("pretrain_fast", cpus), 3),
+        "cpu_ratio_vs_pretrain_default": round(ratio("pretrain_default", cpus), 3),
     }
     print()
-    print(f"{'run':<18}{'median s':>10}")
+    print(f"{'run':<18}{'wall median s':>14}{'CPU median s':>14}")
     for n in names:
-        print(f"{n:<18}{statistics.median(times[n]):>10.2f}")
-    print(
-        f"\nSFT / pretraining (same text): {result['ratio_sft_vs_pretrain_fast']:.2f}x vs "
-        f"clean=false dedup=none, {result['ratio_sft_vs_pretrain_default']:.2f}x vs the default "
-        "(target <= 1.5x)"
-    )
+        print(f"{n:<18}{statistics.median(times[n]):>14.2f}{statistics.median(cpus[n]):>14.2f}")
+    for what in ("wall", "cpu"):
+        print(
+            f"SFT / pretraining, same text, {what}: "
+            f"{result[f'{what}_ratio_vs_pretrain_fast']:.2f}x vs clean=false dedup=none, "
+            f"{result[f'{what}_ratio_vs_pretrain_default']:.2f}x vs the default (target <= 1.5x)"
+        )
     print(f"SFT packing efficiency at seq 4096: {100 * result['sft_packing_efficiency']:.2f}%")
     print("RESULT " + json.dumps(result))
 

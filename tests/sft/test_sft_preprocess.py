@@ -157,6 +157,18 @@ def test_sft_unpacked_overflow_and_mask_last(tmp_path, tiny_tokenizer_dir):
     for i in range(len(ds)):
         s = ds[i]
         assert int(s["loss_mask"][s["labels"] == im_end].sum()) == 1
+    # Padding is one more sequence: nothing of the real ones changes.
+    s = ds[0]
+    n = len(s["tokens"])
+    p = SFTDataset.pad(s, 200, pad_id=0)
+    assert len(p["tokens"]) == 200 and p["cu_seqlens"][-1] == 200
+    assert p["cu_seqlens"][-2] == n and p["seq_lengths"][-1] == 200 - n
+    assert p["loss_mask"][n:].sum() == 0 and (p["labels"][n:] == IGNORE_INDEX).all()
+    np.testing.assert_array_equal(p["position_ids"][n:], np.arange(200 - n))
+    for k in ("tokens", "labels", "loss_mask", "position_ids"):
+        np.testing.assert_array_equal(p[k][:n], s[k])
+    with pytest.raises(ValueError, match="does not fit"):
+        SFTDataset.pad(s, n - 1, pad_id=0)
 
 
 def test_corpus_yaml_examples_give_conversations():
@@ -315,6 +327,8 @@ def test_preference_pairs_end_to_end(tmp_path, tiny_tokenizer_dir):
             ]
         )
     assert sorted(pairs) == sorted(want)
+    padded = PreferenceDataset.pad(ds[0], 300, pad_id=0)
+    assert len(padded["chosen"]) == len(padded["seq_lengths"]) and not padded["chosen"][-1]
     with pytest.raises(BadChatRecordError, match="identical"):
         preprocess(_cfg(tmp_path, tiny_tokenizer_dir, inp, format="preference", strict=True))
 

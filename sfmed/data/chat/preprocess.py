@@ -59,7 +59,8 @@ def iter_records(path: Path, fmt: str, opts) -> Any:
     elif fmt == "json":
         items = read_json(data, enc, opts.json_key)
     elif fmt in ("csv", "tsv"):
-        items = read_csv(data, enc, opts.csv_delimiter or ("\t" if fmt == "tsv" else ","), None)
+        delim = opts.csv_delimiter or ("\t" if fmt == "tsv" else ",")
+        items = read_csv(data, enc, delim, opts.csv_columns)
     else:
         raise UserError(f"{path}: reader {fmt!r} gives no structured records for chat data")
     for loc, rec, _ in items:

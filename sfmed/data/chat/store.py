@@ -122,7 +122,8 @@ class ChatDataset:
     - ``cu_seqlens`` (int32, S+1): sequence boundaries (``cu_seqlens[k]`` = start of sequence k);
     - ``seq_lengths`` (int64, S).
 
-    ``pad(sample, length, pad_id)`` extends a sample to a fixed length for batching.
+    ``pad(sample, length, pad_id)`` extends a sample to a fixed length for batching. The sidecar
+    is ``ds.meta``; ``ds.seq_length`` the sequence length the data was prepared for.
     """
 
     kind = ""
@@ -200,6 +201,8 @@ class ChatDataset:
         out["position_ids"] = np.concatenate([sample["position_ids"], np.arange(k)])
         out["cu_seqlens"] = np.append(sample["cu_seqlens"], np.int32(length))
         out["seq_lengths"] = np.append(sample["seq_lengths"], k)
+        if "chosen" in sample:
+            out["chosen"] = np.append(sample["chosen"], False)
         return out
 
 
