@@ -141,26 +141,27 @@ class ChatEncoder:
         texts: list[str] = []
         supervised: list[tuple[int, Piece]] = []
         src: list[int] = []  # per piece: text index, or -1 - special code
-        turn_of: list[int] = []
-        n_pieces: list[int] = []
+        turn_last: list[int] = []  # index of the last piece of every turn
+        n_turns: list[int] = []
         for turns, flags in zip(convs, train, strict=True):
-            pieces = self.fmt.pieces(turns, flags)
-            n_pieces.append(len(pieces))
-            for p in pieces:
-                turn_of.append(p.turn)
-                if p.special:
-                    # Supervised specials come from the second half of the special pool.
-                    code = spec_code[p.text] + (n_spec if p.train_from is not None else 0)
-                    src.append(-1 - code)
-                    continue
-                key = (p.text, p.train_from)
-                j = index.get(key)
-                if j is None:
-                    j = index[key] = len(texts)
-                    texts.append(p.text)
-                    if p.train_from is not None:
-                        supervised.append((j, p))
-                src.append(j)
+            groups = self.fmt.pieces(turns, flags)
+            n_turns.append(len(groups))
+            for g in groups:
+                for p in g:
+                    if p.special:
+                        # Supervised specials come from the second half of the special pool.
+                        code = spec_code[p.text] + (n_spec if p.train_from is not None else 0)
+                        src.append(-1 - code)
+                        continue
+                    key = (p.text, p.train_from)
+                    j = index.get(key)
+                    if j is None:
+                        j = index[key] = len(texts)
+                        texts.append(p.text)
+                        if p.train_from is not None:
+                            supervised.append((j, p))
+                    src.append(j)
+                turn_last.append(len(src) - 1)
         ids, offs = self.tok.encode_flat(texts)
         n_text = ids.shape[0]
         spec_ids = np.array(list(self.special_ids.values()) * 2, np.int64)
@@ -179,15 +180,11 @@ class ChatEncoder:
         gather = np.repeat(starts - (out_end - lens), lens) + np.arange(int(out_end[-1]))
         flat_ids, flat_mask = all_ids[gather], all_mask[gather]
         # Conversation and turn boundaries, from the pieces' ends.
-        conv_last = np.cumsum(n_pieces) - 1
-        t = np.asarray(turn_of, np.int64)
-        last = np.ones(t.shape[0], bool)
-        last[:-1] = t[1:] != t[:-1]
-        last[conv_last] = True
-        conv_end = out_end[conv_last].tolist()
-        turn_ends = np.split(out_end[last], np.cumsum(t[conv_last] + 1)[:-1])
+        ends = out_end[np.asarray(turn_last, np.int64)]
+        conv_turns = np.cumsum(n_turns)
+        conv_end = ends[conv_turns - 1].tolist()
         out, a = [], 0
-        for b, te in zip(conv_end, turn_ends, strict=True):
+        for b, te in zip(conv_end, np.split(ends, conv_turns[:-1]), strict=True):
             out.append(Encoded(flat_ids[a:b], flat_mask[a:b], te - a))
             a = b
         return out

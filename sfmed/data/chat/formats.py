@@ -34,8 +34,6 @@ class Piece(NamedTuple):
     text: str
     special: bool = False
     train_from: int | None = None
-    turn: int = -1
-    """Index of the turn the piece ends (truncation cuts after a turn's last piece)."""
 
 
 class ChatFormat:
@@ -48,14 +46,15 @@ class ChatFormat:
     specials: tuple[str, ...] = ()
     """The special tokens the format emits (each must be one id of the tokenizer)."""
 
-    def pieces(self, turns: list[Turn], train: list[bool]) -> list[Piece]:
-        """The pieces of ``turns`` (system first if any); ``train[i]`` says whether turn ``i``
-        (an assistant turn) is supervised."""
+    def pieces(self, turns: list[Turn], train: list[bool]) -> list[list[Piece]]:
+        """The pieces of each turn (system first if any; a piece spanning two turns belongs to
+        the later one, so truncation after a turn never splits a piece); ``train[i]`` says
+        whether turn ``i`` (an assistant turn) is supervised."""
         raise NotImplementedError
 
     def render(self, turns: list[Turn]) -> str:
         """The rendered string (what ``apply_chat_template(..., tokenize=False)`` returns)."""
-        return "".join(p.text for p in self.pieces(turns, [False] * len(turns)))
+        return "".join(p.text for g in self.pieces(turns, [False] * len(turns)) for p in g)
 
     def with_system(self, turns: list[Turn], system: str | None) -> list[Turn]:
         """``turns`` with a leading system turn: the record's, else ``system``, else the
@@ -81,15 +80,16 @@ class ChatML(ChatFormat):
     start, end = "<|im_start|>", "<|im_end|>"
     specials = (start, end)
 
-    def pieces(self, turns: list[Turn], train: list[bool]) -> list[Piece]:
-        out: list[Piece] = []
-        for i, (t, tr) in enumerate(zip(turns, train, strict=True)):
-            head = t.role + "\n"
-            out.append(Piece(self.start, True, None, i))
-            out.append(Piece(head + t.content, False, len(head) if tr else None, i))
-            out.append(Piece(self.end, True, 0 if tr else None, i))
-            out.append(Piece("\n", False, None, i))
-        return out
+    _START = Piece(start, True)
+    _END = (Piece(end, True), Piece(end, True, 0))  # not supervised / supervised
+    _NL = Piece("\n")
+
+    def pieces(self, turns: list[Turn], train: list[bool]) -> list[list[Piece]]:
+        s, e, nl = self._START, self._END, self._NL
+        return [
+            [s, Piece(f"{t.role}\n{t.content}", False, len(t.role) + 1 if tr else None), e[tr], nl]
+            for t, tr in zip(turns, train, strict=True)
+        ]
 
 
 FORMATS: dict[str, type[ChatFormat]] = {"chatml": ChatML}

@@ -2,11 +2,13 @@
 
 Best-fit decreasing places each item (longest first) into the open bin whose free space is the
 smallest that still holds it; it never uses more bins than first-fit decreasing and packs
-tighter. Free spaces are kept in a segment tree over ``0..capacity``, so each item costs
-O(log capacity) whatever the number of bins.
+tighter. The distinct free spaces of open bins are kept sorted (at most ``capacity`` of them), so
+each item costs a binary search whatever the number of bins.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left, insort
 
 import numpy as np
 
@@ -19,53 +21,30 @@ def pack_bfd(lengths: np.ndarray, capacity: int) -> list[list[int]]:
         return []
     if int(lengths.min()) < 1 or int(lengths.max()) > capacity:
         raise ValueError(f"item lengths must be in 1..{capacity}")
-    size = 1
-    while size < capacity + 1:
-        size *= 2
-    tree = [0] * (2 * size)  # tree[size + r]: open bins with r tokens free; inner nodes: sums
-    free: list[list[int]] = [[] for _ in range(capacity + 1)]  # free space -> bin ids
+    keys: list[int] = []  # the distinct free spaces of open bins, sorted
+    free: dict[int, list[int]] = {}  # free space -> open bins with it
     bins: list[list[int]] = []
-    space: list[int] = []
-
-    def add(r: int, d: int) -> None:
-        i = size + r
-        while i:
-            tree[i] += d
-            i //= 2
-
-    def smallest_at_least(s: int) -> int:
-        """Smallest free space >= s held by an open bin, or -1."""
-        i = size + s
-        if tree[i]:
-            return s
-        # Walk up until a right sibling subtree holds a bin, then down to its leftmost leaf.
-        while i > 1:
-            if i % 2 == 0 and tree[i + 1]:
-                i += 1
-                break
-            i //= 2
-        else:
-            return -1
-        while i < size:
-            i = 2 * i if tree[2 * i] else 2 * i + 1
-        return i - size
-
     order = np.argsort(-lengths, kind="stable")
-    for item in order.tolist():
-        n = int(lengths[item])
-        r = smallest_at_least(n)
-        if r < 0:
-            b = len(bins)
+    for item, n in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        k = bisect_left(keys, n)
+        if k == len(keys):
+            b, r = len(bins), capacity - n
             bins.append([item])
-            space.append(capacity - n)
         else:
-            b = free[r].pop()
-            add(r, -1)
+            space = keys[k]
+            same = free[space]
+            b = same.pop()
+            if not same:
+                del keys[k], free[space]
             bins[b].append(item)
-            space[b] = r - n
-        if space[b] > 0:
-            free[space[b]].append(b)
-            add(space[b], 1)
+            r = space - n
+        if r > 0:
+            same = free.get(r)
+            if same is None:
+                free[r] = [b]
+                insort(keys, r)
+            else:
+                same.append(b)
     for b in bins:
         b.sort()
     bins.sort(key=lambda b: b[0])

@@ -86,6 +86,8 @@ class _Source:
             "samples": [],
         }
         self.items: list[list[tuple[np.ndarray, np.ndarray]]] = []  # packing units
+        self.item_tokens: list[int] = []
+        self.item_supervised: list[int] = []
 
     def bad(self, where: str, reason: str, msg: str) -> None:
         if self.cfg.strict:
@@ -99,27 +101,34 @@ class _Source:
 
     def keep(self, seqs: list[Encoded], dtype) -> None:
         self.items.append([(e.ids.astype(dtype), e.mask) for e in seqs])
-        self.st["kept"] += 1
-        self.st["tokens"] += sum(len(e) for e in seqs)
-        self.st["supervised_tokens"] += sum(int(e.mask.sum()) for e in seqs)
+        self.item_tokens.append(sum(len(e) for e in seqs))
+        self.item_supervised.append(sum(int(np.count_nonzero(e.mask)) for e in seqs))
+
+    def totals(self) -> None:
+        self.st["kept"] = len(self.items)
+        self.st["tokens"] = int(sum(self.item_tokens))
+        self.st["supervised_tokens"] = int(sum(self.item_supervised))
 
 
 def _write(src: _Source, prefix: Path, kind: str, dtype, meta: dict) -> None:
     cap = src.cfg.chat.seq_length
-    lengths = np.array([sum(x[0].shape[0] for x in it) for it in src.items], np.int64)
+    src.totals()
+    lengths = np.array(src.item_tokens, np.int64)
+    sup = np.array(src.item_supervised, np.int64)
     if src.cfg.chat.pack:
         groups = pack_bfd(lengths, cap) if len(lengths) else []
     else:
         groups = [[i] for i in range(len(lengths))]
     w = ChatWriter(prefix, dtype)
-    tokens, sup = [], []
     try:
         for g in groups:
             seqs = [s for i in g for s in src.items[i]]
             w.add_sample([s[0] for s in seqs], [s[1] for s in seqs])
-            tokens.append(sum(s[0].shape[0] for s in seqs))
-            sup.append(sum(int(s[1].sum()) for s in seqs))
-        pk = packing_stats(np.array(tokens), np.array(sup), cap)
+        pk = packing_stats(
+            np.array([lengths[g].sum() for g in groups]),
+            np.array([sup[g].sum() for g in groups]),
+            cap,
+        )
         src.st["packing"] = {"packed": src.cfg.chat.pack, **pk}
         w.finish({**meta, "kind": kind, "stats": src.st})
     except BaseException:
