@@ -129,7 +129,10 @@ class ReaderOptions:
 
     def reader_options(self) -> dict[str, Any]:
         """The reader/render options as a plain dict (hashed into the resume fingerprint)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(ReaderOptions)}
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(ReaderOptions)}
+        if self.turns == ChatOptions():  # keeps the fingerprints of pretraining outputs unchanged
+            del out["turns"]
+        return out
 
 
 def _plain(v: Any) -> Any:
