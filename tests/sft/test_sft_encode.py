@@ -182,3 +182,13 @@ def test_real_qwen2_tokenizer_and_real_conversations(qwen2_tokenizer_dir, shared
         assert sum(int(e.mask.sum()) for e in out) > 0
         if name == "disc":  # real multi-turn consultations are among them
             assert any(sum(x.role == "assistant" for x in t) > 1 for t in good)
+
+
+@pytest.mark.shared
+def test_other_chatml_variants_are_refused(shared_dir):
+    """Qwen3's template (no default system turn, thinking blocks) is not Qwen2's ChatML."""
+    qwen3 = shared_dir / "tokenizers" / "qwen3"
+    if not (qwen3 / "tokenizer_config.json").is_file():
+        pytest.skip("no Qwen3 tokenizer in ../shared")
+    with pytest.raises(ConfigError, match="renders differently"):
+        resolve_format("auto", qwen3)

@@ -359,3 +359,18 @@ def test_cli(tmp_path, tiny_tokenizer_dir):
     assert "# sft data" in p.stdout and "| d | 3 | 3 |" in p.stdout
     p = subprocess.run([*cmd, "chat.mask=first"], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and "chat.mask='first'" in p.stderr
+
+
+def test_verify_tokenizer(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    import sfmed.data.chat.preprocess as chat_pre
+
+    inp = _w(tmp_path / "d.jsonl", GOOD)
+    rep = preprocess(_cfg(tmp_path, tiny_tokenizer_dir, inp, format="sft", verify_tokenizer=10))
+    assert rep["sources"]["src"]["kept"] == 3
+    pairs = _w(tmp_path / "p.jsonl", [{"prompt": "问", "chosen": "好", "rejected": "坏"}])
+    cfg = _cfg(tmp_path, tiny_tokenizer_dir, pairs, format="preference", verify_tokenizer=10)
+    assert preprocess(cfg)["sources"]["src"]["kept"] == 1
+    # A reference that disagrees is caught (the check compares, it does not trust the encoder).
+    monkeypatch.setattr(chat_pre, "reference_encoder", lambda path: lambda text: [0])
+    with pytest.raises(chat_pre.ChatEncodingMismatch, match=r"d\.jsonl:1"):
+        preprocess(_cfg(tmp_path, tiny_tokenizer_dir, inp, format="sft", verify_tokenizer=1))

@@ -28,12 +28,38 @@ from sfmed.data.chat.turns import PAIR_REASONS, SFT_REASONS, BadRecord, make_pai
 from sfmed.data.indexed import optimal_dtype
 from sfmed.data.io import read_all
 from sfmed.data.readers import Malformed, read_csv, read_json, read_jsonl, read_parquet
+from sfmed.data.tokenizer import reference_encoder
 
 logger = logging.getLogger(__name__)
 
 
 class BadChatRecordError(UserError, ValueError):
     """strict=true and a record or pair cannot be used."""
+
+
+class ChatEncodingMismatch(RuntimeError):
+    """verify_tokenizer found a conversation whose ids differ from the reference encoding."""
+
+
+class _Verifier:
+    """``verify_tokenizer=N``: the first N conversations of a source (N pairs' sides) are
+    re-encoded from their rendered string with the reference tokenizer, which splits special
+    tokens as ``apply_chat_template`` does; any difference stops the run."""
+
+    def __init__(self, n: int, enc: ChatEncoder, tokenizer: str):
+        self.left, self.enc = n, enc
+        self.ref = reference_encoder(tokenizer) if n else None
+
+    def check(self, where: str, turns: list[Turn], ids: np.ndarray) -> None:
+        if self.left <= 0:
+            return
+        self.left -= 1
+        want = self.ref(self.enc.fmt.render(turns))
+        if want != ids.tolist():
+            raise ChatEncodingMismatch(
+                f"{where}: the chat encoding differs from the reference tokenizer's ids of the "
+                f"rendered conversation ({len(ids)} vs {len(want)} tokens); please report it"
+            )
 
 
 def chat_prefix(output_dir: str | Path, name: str, kind: str) -> Path:
@@ -175,7 +201,7 @@ def preprocess_chat(cfg: PreprocessConfig) -> dict[str, Any]:
             reasons = SFT_REASONS if kind == "sft" else PAIR_REASONS
             src = _Source(s.name, s.group, reasons, cfg)
             run = _run_sft if kind == "sft" else _run_pairs
-            run(src, s, extract, enc, dtype)
+            run(src, s, extract, enc, dtype, _Verifier(cfg.verify_tokenizer, enc, cfg.tokenizer))
             _write(
                 src,
                 chat_prefix(out_dir, s.name, kind),
@@ -224,7 +250,7 @@ def _records(src: _Source, s):
             yield where, rec
 
 
-def _run_sft(src: _Source, s, extract, enc: ChatEncoder, dtype) -> None:
+def _run_sft(src: _Source, s, extract, enc: ChatEncoder, dtype, verify: _Verifier) -> None:
     c = src.cfg.chat
     batch: list[tuple[str, list[Turn]]] = []
 
@@ -242,6 +268,7 @@ def _run_sft(src: _Source, s, extract, enc: ChatEncoder, dtype) -> None:
             if fit is None:
                 src.bad(where, "too_long", f"{len(e)} tokens > chat.seq_length={c.seq_length}")
                 continue
+            verify.check(where, turns, fit.ids)
             src.st["turns"] += sum(t.role != "system" for t in turns)
             src.st["assistant_turns"] += sum(t.role == "assistant" for t in turns)
             src.keep([fit], dtype)
@@ -272,7 +299,7 @@ def _answer_budget(prompt: int, a: int, b: int, limit: int, pair_limit: int | No
     return ka, kb
 
 
-def _run_pairs(src: _Source, s, extract, enc: ChatEncoder, dtype) -> None:
+def _run_pairs(src: _Source, s, extract, enc: ChatEncoder, dtype, verify: _Verifier) -> None:
     c = src.cfg.chat
     batch: list[tuple[str, list[Turn], str, str]] = []
     pair_limit = c.seq_length if c.pack else None
@@ -299,6 +326,9 @@ def _run_pairs(src: _Source, s, extract, enc: ChatEncoder, dtype) -> None:
                     f"prompt of {p} tokens leaves no answer within chat.seq_length",
                 )
                 continue
+            if ka == a and kb == b:  # whole sides: their rendered text is known
+                for conv, e in zip(convs[2 * k : 2 * k + 2], (ec, er), strict=True):
+                    verify.check(where, conv, e.ids)
             if ka < a or kb < b:
                 src.st["truncated"] += 1
                 ec, er = ec.cut(p + ka), er.cut(p + kb)
