@@ -373,4 +373,28 @@ def test_verify_tokenizer(tmp_path, tiny_tokenizer_dir, monkeypatch):
     # A reference that disagrees is caught (the check compares, it does not trust the encoder).
     monkeypatch.setattr(chat_pre, "reference_encoder", lambda path: lambda text: [0])
     with pytest.raises(chat_pre.ChatEncodingMismatch, match=r"d\.jsonl:1"):
-        preprocess(_cfg(tmp_path, tiny_tokenizer_dir, inp, format="sft", verify_tokenizer=1))
+        cfg = _cfg(tmp_path, tiny_tokenizer_dir, inp, format="sft", verify_tokenizer=1, force=True)
+        preprocess(cfg)
+
+
+def test_rerun_reuses_complete_outputs(tmp_path, tiny_tokenizer_dir):
+    inp = _w(tmp_path / "d.jsonl", GOOD)
+    first = preprocess(_cfg(tmp_path, tiny_tokenizer_dir, inp, format="sft"))["sources"]["src"]
+    assert first["reused"] is False
+    bin_file = tmp_path / "out" / "src_sft.bin"
+    mtime = bin_file.stat().st_mtime_ns
+    again = preprocess(_cfg(tmp_path, tiny_tokenizer_dir, inp, format="sft"))["sources"]["src"]
+    assert again["reused"] is True and again["tokens"] == first["tokens"]
+    assert bin_file.stat().st_mtime_ns == mtime
+    # A changed setting, a truncated file or force=true redo the source.
+    changed = _cfg(tmp_path, tiny_tokenizer_dir, inp, format="sft", chat={"mask": "last"})
+    st = preprocess(changed)["sources"]["src"]
+    assert st["reused"] is False and st["supervised_tokens"] < first["supervised_tokens"]
+    mask_bin = tmp_path / "out" / "src_sft_mask.bin"
+    mask_bin.write_bytes(mask_bin.read_bytes()[:-1])
+    assert preprocess(changed)["sources"]["src"]["reused"] is False
+    assert preprocess(changed)["sources"]["src"]["reused"] is True
+    forced = _cfg(
+        tmp_path, tiny_tokenizer_dir, inp, format="sft", chat={"mask": "last"}, force=True
+    )
+    assert preprocess(forced)["sources"]["src"]["reused"] is False

@@ -9,6 +9,7 @@ supervised tokens, truncated, dropped and why, and the packing efficiency.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -23,10 +24,11 @@ from sfmed.core.errors import UserError
 from sfmed.data.chat.encode import ChatEncoder, Encoded
 from sfmed.data.chat.formats import Turn, resolve_format
 from sfmed.data.chat.pack import pack_bfd, packing_stats
-from sfmed.data.chat.store import ChatWriter
+from sfmed.data.chat.store import ChatWriter, complete_meta
 from sfmed.data.chat.turns import PAIR_REASONS, SFT_REASONS, BadRecord, make_pairs, make_turns
 from sfmed.data.indexed import optimal_dtype
 from sfmed.data.io import read_all
+from sfmed.data.metadata import config_hash
 from sfmed.data.readers import Malformed, read_csv, read_json, read_jsonl, read_parquet
 from sfmed.data.tokenizer import reference_encoder
 
@@ -198,18 +200,27 @@ def preprocess_chat(cfg: PreprocessConfig) -> dict[str, Any]:
         }
         stats: dict[str, dict] = {}
         for s, extract in zip(sources, extractors, strict=True):
+            prefix = chat_prefix(out_dir, s.name, kind)
+            fp = _fingerprint(cfg, s, tok.info.file_digest)
+            old = None if cfg.force else complete_meta(prefix)
+            if old is not None and old.get("fingerprint") == fp:
+                logger.info("%s: outputs complete and up to date, reused", s.name)
+                stats[s.name] = {**old["stats"], "reused": True}
+                continue
             reasons = SFT_REASONS if kind == "sft" else PAIR_REASONS
             src = _Source(s.name, s.group, reasons, cfg)
             run = _run_sft if kind == "sft" else _run_pairs
             run(src, s, extract, enc, dtype, _Verifier(cfg.verify_tokenizer, enc, cfg.tokenizer))
+            src.st["prefix"] = str(prefix)
+            src.st["reused"] = False
+            files = [str(f) for f in s.files]
             _write(
                 src,
-                chat_prefix(out_dir, s.name, kind),
+                prefix,
                 kind,
                 dtype,
-                {**meta, "source": s.name, "files": [str(f) for f in s.files]},
+                {**meta, "source": s.name, "files": files, "fingerprint": fp},
             )
-            src.st["prefix"] = str(chat_prefix(out_dir, s.name, kind))
             stats[s.name] = src.st
             logger.info(
                 "%s: %d records, %d kept, %d tokens",
@@ -232,6 +243,28 @@ def preprocess_chat(cfg: PreprocessConfig) -> dict[str, Any]:
         atomic_write_text(out_dir / f"{kind}_report.json", _json(report))
         atomic_write_text(out_dir / f"{kind}_report.md", render_chat_markdown(report))
     return report
+
+
+CHAT_PIPELINE_VERSION = 1
+
+
+def _fingerprint(cfg: PreprocessConfig, s, tokenizer_digest: str) -> str:
+    """What decides a source's outputs: reading, chat settings, input files, tokenizer."""
+    chat = dataclasses.asdict(cfg.chat)
+    chat.pop("batch_size")  # does not change the outputs
+    return config_hash(
+        {
+            "version": CHAT_PIPELINE_VERSION,
+            "format": cfg.format,
+            "name": s.name,
+            "reader": s.opts.reader_options(),
+            "turns": dataclasses.asdict(s.opts.turns),
+            "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in s.files],
+            "chat": chat,
+            "tokenizer": tokenizer_digest,
+            "strict": cfg.strict,
+        }
+    )
 
 
 def _json(obj: Any) -> str:
@@ -411,7 +444,7 @@ def render_chat_markdown(report: dict[str, Any]) -> str:
         )
 
     for name, st in report["sources"].items():
-        lines.append(row(name, st))
+        lines.append(row(name + (" (reused)" if st.get("reused") else ""), st))
     lines.append(row("**total**", report["total"]))
     st = report["settings"]
     lines += [

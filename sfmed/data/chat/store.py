@@ -37,6 +37,21 @@ def mask_prefix(prefix: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(prefix)}_mask")
 
 
+def complete_meta(prefix: str | os.PathLike) -> dict | None:
+    """The sidecar of a complete chat dataset (all four files present with the sizes it
+    records), else None."""
+    side = Path(f"{os.fspath(prefix)}.json")
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for p, pre in ((prefix, ""), (mask_prefix(prefix), "mask_")):
+        for f, key in ((bin_path(p), "bin_bytes"), (idx_path(p), "idx_bytes")):
+            if not f.is_file() or f.stat().st_size != meta.get(pre + key):
+                return None
+    return meta
+
+
 def remove_chat_outputs(prefix: str | os.PathLike) -> None:
     """Delete a chat dataset (sidecar first)."""
     remove_outputs(prefix)
@@ -67,7 +82,14 @@ class ChatWriter:
         d = np.asarray(self.doc_idx, np.int64)
         self.mask.finish(d)
         self.ids.finish(d)
-        atomic_write_text(f"{self.prefix}.json", json.dumps(meta, ensure_ascii=False, indent=1))
+        sizes = {
+            "bin_bytes": self.ids.bin_bytes,
+            "idx_bytes": self.ids.idx_bytes,
+            "mask_bin_bytes": self.mask.bin_bytes,
+            "mask_idx_bytes": self.mask.idx_bytes,
+        }
+        text = json.dumps({**meta, **sizes}, ensure_ascii=False, indent=1)
+        atomic_write_text(f"{self.prefix}.json", text)
 
     def abort(self) -> None:
         """Remove the temporary files."""
