@@ -15,6 +15,7 @@ never produces for stripped content) the character offsets of HF ``tokenizers`` 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class ChatEncoder:
             self.special_ids[s] = int(ids[0])
         # Texts that recur in every conversation (separators, heads, the default system turn).
         self._cache: dict[str, np.ndarray] = {}  # ids of the heads of supervised pieces
+        self._lock = threading.RLock()
 
     # -- validation -------------------------------------------------------------------------
 
@@ -132,9 +134,14 @@ class ChatEncoder:
 
         Every distinct text piece of the batch is tokenized once (separators, system prompts and
         heads recur in every conversation); the conversations are then gathered with numpy.
+        Thread-safe (calls are serialised).
         """
         if not convs:
             return []
+        with self._lock:
+            return self._encode(convs, train)
+
+    def _encode(self, convs: list[list[Turn]], train: list[list[bool]]) -> list[Encoded]:
         spec_code = {t: k for k, t in enumerate(self.special_ids)}
         n_spec = len(spec_code)
         index: dict[tuple[str, int | None], int] = {}

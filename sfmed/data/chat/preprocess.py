@@ -285,13 +285,13 @@ def _records(src: _Source, s):
 
 def _run_sft(src: _Source, s, extract, enc: ChatEncoder, dtype, verify: _Verifier) -> None:
     c = src.cfg.chat
-    batch: list[tuple[str, list[Turn]]] = []
 
-    def flush() -> None:
+    def encode(batch: list[tuple[str, list[Turn]]]):
         convs = [t for _, t in batch]
-        for (where, turns), e in zip(
-            batch, enc.encode(convs, [enc.train_flags(t) for t in convs]), strict=True
-        ):
+        return enc.encode(convs, [enc.train_flags(t) for t in convs])
+
+    def consume(batch: list[tuple[str, list[Turn]]], encoded: list[Encoded]) -> None:
+        for (where, turns), e in zip(batch, encoded, strict=True):
             fit = e if len(e) <= c.seq_length else None
             if fit is None and c.overflow == "truncate":
                 fit = enc.fit(turns, e, c.seq_length)
@@ -305,17 +305,43 @@ def _run_sft(src: _Source, s, extract, enc: ChatEncoder, dtype, verify: _Verifie
             src.st["turns"] += sum(t.role != "system" for t in turns)
             src.st["assistant_turns"] += sum(t.role == "assistant" for t in turns)
             src.keep([fit], dtype)
-        batch.clear()
 
-    for where, rec in _records(src, s):
+    def items():
+        for where, rec in _records(src, s):
+            try:
+                yield where, enc.prepare(extract(rec))
+            except BadRecord as e:
+                src.bad(where, e.reason, str(e))
+
+    _pipeline(items(), c.batch_size, encode, consume)
+
+
+def _pipeline(items, batch_size: int, encode, consume) -> None:
+    """Batches of ``items`` through ``encode`` in a worker thread while the next batch is read
+    and prepared here (the tokenizer releases the GIL), consumed in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: list = []
+    with ThreadPoolExecutor(1) as pool:
         try:
-            batch.append((where, enc.prepare(extract(rec))))
-        except BadRecord as e:
-            src.bad(where, e.reason, str(e))
-            continue
-        if len(batch) >= c.batch_size:
-            flush()
-    flush()
+            batch: list = []
+            for it in items:
+                batch.append(it)
+                if len(batch) >= batch_size:
+                    pending.append((batch, pool.submit(encode, batch)))
+                    batch = []
+                    if len(pending) > 1:
+                        b, f = pending.pop(0)
+                        consume(b, f.result())
+            if batch:
+                pending.append((batch, pool.submit(encode, batch)))
+            while pending:
+                b, f = pending.pop(0)
+                consume(b, f.result())
+        except BaseException:
+            for _, f in pending:
+                f.cancel()
+            raise
 
 
 def _answer_budget(prompt: int, a: int, b: int, limit: int, pair_limit: int | None):
@@ -334,16 +360,18 @@ def _answer_budget(prompt: int, a: int, b: int, limit: int, pair_limit: int | No
 
 def _run_pairs(src: _Source, s, extract, enc: ChatEncoder, dtype, verify: _Verifier) -> None:
     c = src.cfg.chat
-    batch: list[tuple[str, list[Turn], str, str]] = []
     pair_limit = c.seq_length if c.pack else None
 
-    def flush() -> None:
+    def encode(batch: list[tuple[str, list[Turn], str, str]]):
         convs, flags = [], []
         for _, prompt, ch, rj in batch:
             for ans in (ch, rj):
                 convs.append([*prompt, Turn("assistant", ans)])
                 flags.append([False] * len(prompt) + [True])
-        encs = enc.encode(convs, flags)
+        return convs, enc.encode(convs, flags)
+
+    def consume(batch: list[tuple[str, list[Turn], str, str]], encoded) -> None:
+        convs, encs = encoded
         for k, (where, prompt, _, _) in enumerate(batch):
             ec, er = encs[2 * k], encs[2 * k + 1]
             p = int(ec.turn_ends[len(prompt) - 1])
@@ -373,27 +401,24 @@ def _run_pairs(src: _Source, s, extract, enc: ChatEncoder, dtype, verify: _Verif
             src.st["turns"] += 2 * sum(t.role != "system" for t in prompt) + 2
             src.st["assistant_turns"] += 2
             src.keep([ec, er], dtype)
-        batch.clear()
 
-    for where, rec in _records(src, s):
-        try:
-            prompt, ch, rj = extract(rec)
-            if not ch or not rj:
-                raise BadRecord("empty_side", "empty chosen or rejected answer")
-            if ch == rj:
-                raise BadRecord("identical", "chosen and rejected are identical")
-            for x in (ch, rj):
-                for sp in enc.fmt.specials:
-                    if sp in x:
-                        raise BadRecord("special_token", f"an answer contains {sp!r}")
-            prompt = enc.prepare(prompt, final="user")
-        except BadRecord as e:
-            src.bad(where, e.reason, str(e))
-            continue
-        batch.append((where, prompt, ch, rj))
-        if len(batch) >= c.batch_size:
-            flush()
-    flush()
+    def items():
+        for where, rec in _records(src, s):
+            try:
+                prompt, ch, rj = extract(rec)
+                if not ch or not rj:
+                    raise BadRecord("empty_side", "empty chosen or rejected answer")
+                if ch == rj:
+                    raise BadRecord("identical", "chosen and rejected are identical")
+                for x in (ch, rj):
+                    for sp in enc.fmt.specials:
+                        if sp in x:
+                            raise BadRecord("special_token", f"an answer contains {sp!r}")
+                yield where, enc.prepare(prompt, final="user"), ch, rj
+            except BadRecord as e:
+                src.bad(where, e.reason, str(e))
+
+    _pipeline(items(), c.batch_size, encode, consume)
 
 
 def _total(stats: dict[str, dict]) -> dict[str, Any]:
