@@ -6,6 +6,8 @@ Examples::
         'template=["问：{instruction}","答：{output}"]' tokenizer=tok/qwen2 output_dir=data/indexed
     python launch/preprocess.py 'sources=[huatuo26m_lite,cmtmedqa,wiki2019zh]' \
         data_root=data/raw tokenizer=tok/qwen2 output_dir=data/indexed workers=16
+    python launch/preprocess.py format=sft 'sources=[cmtmedqa,disc_med_sft]' \
+        data_root=data/raw tokenizer=tok/qwen2 output_dir=data/sft chat.seq_length=4096
 """
 
 import logging
@@ -36,7 +38,12 @@ def _preprocess(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         print("preprocess: complete sources are kept; rerun to resume", file=sys.stderr)
         raise
-    print(render_markdown(report))
+    if report.get("format") in ("sft", "preference"):
+        from sfmed.data.chat.preprocess import render_chat_markdown
+
+        print(render_chat_markdown(report))
+    else:
+        print(render_markdown(report))
 
 
 @hydra.main(config_path="../conf", config_name="preprocess", version_base="1.3")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sfmed.config.sft_data import FORMATS, ChatDataConfig, ChatOptions
 from sfmed.core.errors import ConfigError
 
 READERS = ("auto", "text", "jsonl", "json", "csv", "tsv", "parquet")
@@ -97,7 +98,12 @@ class ReaderOptions:
     max_chars: int | None = None
     """Per-source override of ``cleaning.max_chars``."""
 
+    turns: ChatOptions = field(default_factory=ChatOptions)
+    """format=sft|preference: where the turns of a record are (see ``docs/sft.md``)."""
+
     def _validate_reader(self, where: str) -> None:
+        if isinstance(self.turns, dict):
+            self.turns = ChatOptions(**self.turns)
         _check_choice(f"{where}reader", self.reader, READERS)
         _check_choice(f"{where}render", self.render, RENDERS)
         _check_choice(f"{where}text_mode", self.text_mode, TEXT_MODES)
@@ -142,10 +148,14 @@ class ReaderOptions:
         out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(ReaderOptions)}
         for k in ("fields", "roles"):  # unset and empty mean the same (stable fingerprints)
             out[k] = out[k] or {}
+        if self.turns == ChatOptions():  # keeps the fingerprints of pretraining outputs unchanged
+            del out["turns"]
         return out
 
 
 def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _plain(dataclasses.asdict(v))
     if isinstance(v, dict) or hasattr(v, "items"):
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -301,7 +311,17 @@ class PreprocessConfig(ReaderOptions):
     samples: int = 5
     """Malformed-record samples (file:line: error) kept per source in the report."""
 
+    format: str = "pretrain"
+    """What is written: ``pretrain`` (documents + EOD) | ``sft`` (chat-encoded conversations with
+    loss masks) | ``preference`` (chosen/rejected pairs); see ``docs/sft.md``."""
+
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)
+    """format=sft|preference: chat format, seq_length, mask mode, overflow, packing."""
+
     def __post_init__(self):
+        _check_choice("format", self.format, FORMATS)
+        if isinstance(self.chat, dict):
+            self.chat = ChatDataConfig(**self.chat)
         for k in ("tokenizer", "output_dir"):
             v = getattr(self, k)
             if not v or v == "???":

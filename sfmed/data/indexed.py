@@ -51,8 +51,11 @@ def idx_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(prefix)}.idx")
 
 
-def index_bytes(lengths: np.ndarray, dtype: np.dtype) -> bytes:
-    """The ``.idx`` contents for documents of ``lengths`` tokens (one sequence per document)."""
+def index_bytes(
+    lengths: np.ndarray, dtype: np.dtype, document_indices: np.ndarray | None = None
+) -> bytes:
+    """The ``.idx`` contents for sequences of ``lengths`` tokens; one sequence per document, or
+    documents starting at the sequence indices ``document_indices`` (``[0, ..., n]``)."""
     dtype = np.dtype(dtype)
     lengths = np.asarray(lengths, dtype=np.int64)
     n = int(lengths.shape[0])
@@ -61,14 +64,19 @@ def index_bytes(lengths: np.ndarray, dtype: np.dtype) -> bytes:
     pointers = np.zeros(n, dtype=np.int64)
     if n > 1:
         np.cumsum(lengths[:-1] * dtype.itemsize, out=pointers[1:])
-    doc_idx = np.arange(n + 1, dtype=np.int64)
+    if document_indices is None:
+        doc_idx = np.arange(n + 1, dtype=np.int64)
+    else:
+        doc_idx = np.asarray(document_indices, dtype=np.int64)
+        if doc_idx[0] != 0 or doc_idx[-1] != n or np.any(np.diff(doc_idx) < 0):
+            raise ValueError("document_indices must rise from 0 to the number of sequences")
     return b"".join(
         (
             _INDEX_HEADER,
             struct.pack("<Q", 1),
             struct.pack("<B", _DTYPE_CODES[dtype]),
             struct.pack("<Q", n),
-            struct.pack("<Q", n + 1),
+            struct.pack("<Q", doc_idx.shape[0]),
             lengths.astype(np.int32).tobytes(order="C"),
             pointers.tobytes(order="C"),
             doc_idx.tobytes(order="C"),
@@ -131,13 +139,14 @@ class BulkIndexedWriter:
         self.tokens += int(flat.shape[0])
         self.bin_bytes += flat.nbytes
 
-    def finish(self) -> None:
-        """Flush and fsync the ``.bin``, write the ``.idx`` and rename both into place."""
+    def finish(self, document_indices: np.ndarray | None = None) -> None:
+        """Flush and fsync the ``.bin``, write the ``.idx`` and rename both into place;
+        ``document_indices`` groups the sequences into documents (default one each)."""
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
-        blob = index_bytes(lengths, self.dtype)
+        blob = index_bytes(lengths, self.dtype, document_indices)
         fd, itmp = tempfile.mkstemp(prefix=f".{self.prefix.name}.idx.tmp-", dir=self.prefix.parent)
         os.fchmod(fd, default_file_mode())
         try:

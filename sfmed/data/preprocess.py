@@ -274,7 +274,12 @@ def _lock(output_dir: Path):
 
 
 def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Run the pipeline; return the report (also written to ``report.json``/``report.md``)."""
+    """Run the pipeline; return the report (also written to ``report.json``/``report.md``).
+    ``format=sft|preference`` runs the chat pipeline (:mod:`sfmed.data.chat.preprocess`)."""
+    if cfg.format != "pretrain":
+        from sfmed.data.chat.preprocess import preprocess_chat
+
+        return preprocess_chat(cfg)
     t0, start = time.perf_counter(), time.time()
     sources = resolve_sources(cfg)
     out_dir = Path(cfg.output_dir)

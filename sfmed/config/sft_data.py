@@ -1,0 +1,121 @@
+"""Schema of chat preprocessing (``launch/preprocess.py format=sft|preference``).
+
+``ChatOptions`` says, per source, where the turns of a record are (``sources.<name>.turns.*``; it complements the reader
+options of :mod:`sfmed.config.data`); ``ChatDataConfig`` holds the run-wide settings: chat format,
+sequence length, loss-mask mode, over-long handling and packing. Validation runs in
+``__post_init__`` so a bad value fails before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sfmed.core.errors import ConfigError
+
+FORMATS = ("pretrain", "sft", "preference")
+CHAT_FORMATS = ("auto", "chatml")
+MASK_MODES = ("all", "last")
+OVERFLOW = ("truncate", "drop")
+
+# Role names seen in the corpora -> the chat roles. ``None`` drops the message.
+DEFAULT_CHAT_ROLES: dict[str, str | None] = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "patient": "user",
+    "病人": "user",
+    "患者": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "doctor": "assistant",
+    "医生": "assistant",
+}
+
+
+@dataclass
+class ChatOptions:
+    """Where the turns of a record are (per source, ``sources.<name>.turns.*``).
+
+    The conversation shape follows the source's ``render``: ``dialogue`` (a message list),
+    ``history`` (CMtMedQA ``history`` + last turn), ``template`` (one question/answer pair built
+    from fields). Preference records are recognised by their keys (see ``docs/sft.md``).
+    """
+
+    prompt: list[str] | None = None
+    """render=template: the fields that form the user turn, joined by ``join`` (empty ones left
+    out). Default: every placeholder of ``template`` but the last."""
+
+    response: str | None = None
+    """render=template: the field holding the assistant answer. Default: the last placeholder of
+    ``template``."""
+
+    system: str | None = None
+    """Record field (dotted path) with a per-sample system prompt; absent/empty = the run's
+    ``chat.system_prompt``."""
+
+    roles: dict[str, str | None] = field(default_factory=dict)
+    """render=dialogue: role name -> ``user`` | ``assistant`` | ``system`` (``null`` drops that
+    role's messages), merged over the defaults (human/patient -> user, gpt/doctor/bot -> assistant)."""
+
+    chosen: str | None = None
+    """format=preference: field of the chosen answer (default: ``chosen`` or ``response_chosen``)."""
+
+    rejected: str | None = None
+    """format=preference: field of the rejected answer (default: ``rejected`` or
+    ``response_rejected``)."""
+
+    def __post_init__(self):
+        for k, v in (self.roles or {}).items():
+            if v is not None and v not in ("user", "assistant", "system"):
+                raise ConfigError(
+                    f"turns.roles.{k}={v!r} must be user, assistant, system or null (drop)"
+                )
+
+
+@dataclass
+class ChatDataConfig:
+    """Run-wide settings of ``format=sft|preference`` (``chat.*`` on the command line)."""
+
+    template: str = "auto"
+    """Chat format: ``auto`` (recognised from the tokenizer's ``chat_template``; the rendering is
+    checked against ``apply_chat_template`` before any work) | ``chatml`` (Qwen2)."""
+
+    system_prompt: str | None = None
+    """System prompt for conversations without one; ``null`` = the template's default (ChatML:
+    ``You are a helpful assistant.``); ``""`` = an empty system turn."""
+
+    seq_length: int = 4096
+    """Longest sequence (tokens) training sees: a conversation, a preference pair's side, or a
+    pack."""
+
+    mask: str = "all"
+    """Which assistant turns are supervised: ``all`` (default) | ``last`` (only the final one)."""
+
+    overflow: str = "truncate"
+    """A conversation longer than ``seq_length``: ``truncate`` at a turn boundary (keeping whole
+    assistant turns; counted ``truncated``) or ``drop`` it (reason ``too_long``)."""
+
+    pack: bool = True
+    """Pack several conversations (or pairs) into each ``seq_length`` sequence (best-fit
+    decreasing), storing the boundaries; false = one conversation (pair) per sample."""
+
+    require_alternation: bool = True
+    """Count two user (or two assistant) turns in a row as a bad record (``consecutive_turns``);
+    templates that forbid it (LLaMA-2) enforce it whatever this says."""
+
+    batch_size: int = 2048
+    """Records encoded per tokenizer call."""
+
+    def __post_init__(self):
+        if self.template not in CHAT_FORMATS:
+            raise ConfigError(f"chat.template={self.template!r} is not one of {list(CHAT_FORMATS)}")
+        if self.mask not in MASK_MODES:
+            raise ConfigError(f"chat.mask={self.mask!r} is not one of {list(MASK_MODES)}")
+        if self.overflow not in OVERFLOW:
+            raise ConfigError(f"chat.overflow={self.overflow!r} is not one of {list(OVERFLOW)}")
+        if self.seq_length < 16:
+            raise ConfigError(f"chat.seq_length={self.seq_length} must be >= 16")
+        if self.batch_size < 1:
+            raise ConfigError(f"chat.batch_size={self.batch_size} must be >= 1")
