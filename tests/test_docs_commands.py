@@ -219,7 +219,7 @@ def test_every_doc_command_is_classified():
         cmd = c.text
         if _rule(SKIP, cmd) or _rule(COMPOSE, cmd):
             continue
-        if not re.match(r"^(python3? launch/|torchrun |python3? -m sfmed)", cmd):
+        if not re.match(r"^(python3? (launch/|-c |-m sfmed)|torchrun )", cmd):
             bad.append(f"{c.id}: {cmd}")
     assert not bad, (
         "doc commands with no rule (run them from launch/, or add a reason):\n" + "\n".join(bad)
