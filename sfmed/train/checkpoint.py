@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from sfmed.core import megatron_layout as layout
-from sfmed.train.mcore_compat import prime_optimizer_state, unshare_adam_steps
+from sfmed.core.mcore_compat import prime_optimizer_state, unshare_adam_steps
 
 log = logging.getLogger(__name__)
 
