@@ -15,9 +15,9 @@ import logging
 import torch
 
 from sfmed.config.pretrain import PretrainConfig
+from sfmed.core.mcore_compat import fix_torch_adam_loading
 from sfmed.models.qwen2 import build_model, transformer_config
 from sfmed.models.specs import decoder_block_spec
-from sfmed.core.mcore_compat import fix_torch_adam_loading
 from sfmed.train.plan import TrainPlan
 
 log = logging.getLogger(__name__)
