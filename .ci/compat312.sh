@@ -6,6 +6,8 @@
 # package index, then megatron-core, then sfmed with its dependencies -- runs the quickstart and
 # the tests marked `mcore_compat`, and removes the environment again. Nothing is cached between
 # runs. Set SFMED_COMPAT_VENV=<dir> to keep (and on later runs reuse) the environment there.
+# SFMED_OTHER_PYTHON=<python with megatron-core 0.16.1 and sfmed's dependencies> (set by .ci/run)
+# enables the test that resumes checkpoints across the two releases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,6 +52,10 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-cor
 if not mc.startswith("0.19."):
     sys.exit(f"compat stage needs megatron-core 0.19.x, got {mc}")
 PY
+if [ -n "${SFMED_OTHER_PYTHON:-}" ]; then
+  echo "other release for the cross-release test: $("$SFMED_OTHER_PYTHON" -c \
+    'from importlib.metadata import version; print(version("megatron-core"))') ($SFMED_OTHER_PYTHON)"
+fi
 
 stage "launch/quickstart.py"
 t1=$SECONDS

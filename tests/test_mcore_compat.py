@@ -164,9 +164,11 @@ def _dcp_object(ckpt, key):
 
     sd = {key: io.BytesIO()}
     load(sd, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
-    buf = sd[key]
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+    obj = sd[key]
+    if isinstance(obj, io.BytesIO):  # torch < 2.14 hands back the bytes, newer the object
+        obj.seek(0)
+        obj = torch.load(obj, weights_only=True)
+    return obj
 
 
 def test_writer_output_loads_with_installed_megatron(tmp_path):

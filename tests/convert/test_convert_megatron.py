@@ -117,8 +117,11 @@ def _dcp_object(ckpt, key):
 
     sd = {key: io.BytesIO()}
     load(sd, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
-    sd[key].seek(0)
-    return torch.load(sd[key], weights_only=True)
+    obj = sd[key]
+    if isinstance(obj, io.BytesIO):  # torch < 2.14 hands back the bytes, newer the object
+        obj.seek(0)
+        obj = torch.load(obj, weights_only=True)
+    return obj
 
 
 @pytest.mark.parametrize("name", ["gqa_tp2pp2", "gqa_tp1", "mha_tied_tp4"])
