@@ -61,5 +61,5 @@ stage "launch/quickstart.py"
 t1=$SECONDS
 "$venv/bin/python" launch/quickstart.py
 stage "pytest -m mcore_compat"
-"$venv/bin/python" -m pytest -q -m mcore_compat tests
+"$venv/bin/python" -m pytest -q -m mcore_compat --durations=10 tests
 echo "compat312: install ${t_install}s ($(du -sh "$venv" | cut -f1)), tests $((SECONDS - t1))s"
