@@ -22,9 +22,9 @@ setup(
     install_requires=[
         # torch first: install the build that matches your machine (CPU or CUDA) before sfmed.
         "torch>=2.4",
-        # Tested with 0.16.1 (newest that installs on Python 3.11); the CPU emulation and the
-        # checkpoint layout are checked against this range.
-        "megatron-core>=0.15.0,<0.17",
+        # Exactly the releases CI tests (docs/compatibility.md): 0.16.1 (newest for Python 3.11)
+        # and 0.19.x (Python 3.12). 0.17/0.18 are untested, so they are excluded.
+        "megatron-core>=0.16.1,!=0.17.*,!=0.18.*,<0.20",
         "transformers>=4.56",
         "safetensors>=0.4",
         "tokenizers>=0.19",

@@ -26,6 +26,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "dist: launches torchrun workers (CPU emulation, gloo)")
     config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 cores")
     config.addinivalue_line("markers", "shared: reads ../shared (skipped when absent)")
+    config.addinivalue_line(
+        "markers",
+        "mcore_compat: exercises megatron-core directly; CI runs these on every supported "
+        "megatron-core release (.ci/compat312.sh)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -52,7 +52,9 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def make_forward_step(device: torch.device):
     """``forward_step(data_iterator, model)`` for megatron's schedules on ``device``."""
-    from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_cp_rank
+    from megatron.core.utils import get_attr_wrapped_model
+
+    from sfmed.core.mcore_compat import get_batch_on_this_cp_rank
 
     def forward_step(data_iterator, model):
         pre = get_attr_wrapped_model(model, "pre_process")

@@ -15,8 +15,8 @@ import logging
 import torch
 
 from sfmed.config.run import RunConfig
+from sfmed.core.mcore_compat import fix_torch_adam_loading
 from sfmed.models import build_model, decoder_layer_spec, transformer_config
-from sfmed.train.mcore_compat import fix_torch_adam_loading
 from sfmed.train.plan import TrainPlan
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sfmed.core import mcore_compat
 from sfmed.core import megatron_layout as layout
 from sfmed.core.ckpt_load import load_mcore_weights, model_key
-from sfmed.train.mcore_compat import prime_optimizer_state, unshare_adam_steps
+from sfmed.core.mcore_compat import prime_optimizer_state, unshare_adam_steps
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class Checkpointer:
             self._save_strategy(),
             async_sharded_save=self._queue is not None,
             content_metadata=metadata,
+            **mcore_compat.dist_save_kwargs(self._queue is not None),
         )
         finalize = partial(self._finalize, tmp, final, iteration)
         if self._queue is not None:
@@ -191,6 +193,7 @@ class Checkpointer:
     def _finalize(self, tmp: Path, final: Path, iteration: int) -> None:
         # Runs on every rank once all shards (and megatron's metadata.json) are on disk.
         if self.rank == 0:
+            mcore_compat.add_legacy_common_state(tmp)  # megatron-core 0.16 needs common.pt
             layout.write_meta(tmp, {**self.meta, "iteration": iteration})
             if final.exists():  # an older save of the same step, e.g. after a resume
                 old = final.with_name(f".{final.name}.old")

@@ -51,9 +51,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _cmd(nproc: int, args: list[str]) -> list[str]:
+def _cmd(nproc: int, args: list[str], python: str = sys.executable) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={_port()}",
         str(REPO / "launch" / "pretrain.py"), *COMMON, *args,
     ]  # fmt: skip
@@ -67,10 +67,12 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
-def pretrain(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def pretrain(
+    nproc: int, *args: str, timeout: int = 600, python: str = sys.executable
+) -> subprocess.CompletedProcess:
     """Run launch/pretrain.py under torchrun; fail the test with its output on error."""
     proc = subprocess.run(
-        _cmd(nproc, list(args)), capture_output=True, text=True, timeout=timeout, env=_env(),
+        _cmd(nproc, list(args), python), capture_output=True, text=True, timeout=timeout, env=_env(),
         cwd=REPO,
     )  # fmt: skip
     if proc.returncode != 0:
@@ -124,6 +126,7 @@ def reference(fixtures):
     return run
 
 
+@pytest.mark.mcore_compat
 def test_trains_tp2pp2_from_a_converted_checkpoint(reference):
     m = metrics(reference)
     assert sorted(m) == list(range(1, STEPS + 1))
@@ -143,10 +146,13 @@ def test_trains_tp2pp2_from_a_converted_checkpoint(reference):
     assert (meta["tp"], meta["pp"], meta["padded_vocab_size"]) == (2, 2, 1024)
     assert meta["arch"]["vocab_size"] == 1000 and meta["iteration"] == STEPS
     assert (reference / "iter_0000030" / "metadata.json").is_file()  # torch_dist marker
+    # common state where megatron-core 0.16 reads it, whichever release saved
+    assert (reference / "iter_0000030" / "common.pt").is_file()
     assert (reference / "hf" / "config.json").is_file()  # HF side files travel with the run
     assert json.loads((reference / "status.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.mcore_compat
 def test_export_to_hf_gives_transformers_the_same_logits(reference, fixtures):
     """`launch/convert.py to=hf` of the trained run; transformers' logits = megatron's."""
     hf = fixtures["root"] / "export"
@@ -172,6 +178,7 @@ def test_export_to_hf_gives_transformers_the_same_logits(reference, fixtures):
     assert not torch.equal(a, b)
 
 
+@pytest.mark.mcore_compat
 def test_sigkill_after_step_10_then_resume_is_bitwise_equal(reference, fixtures):
     run = fixtures["root"] / "killed"
     args = [
@@ -212,6 +219,7 @@ def test_sigkill_after_step_10_then_resume_is_bitwise_equal(reference, fixtures)
             assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
 
 
+@pytest.mark.mcore_compat
 @pytest.mark.parametrize(
     "nproc,layout",
     [
@@ -283,3 +291,39 @@ def test_sigterm_saves_and_exits(fixtures):
     assert any(r.get("valid_loss") is not None for r in records)  # validation ran
     run_id = (run / "wandb_run_id.txt").read_text().strip()  # wandb, offline, in the run dir
     assert list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def _mcore_release(python: str) -> str:
+    out = subprocess.run(
+        [python, "-c", "from importlib.metadata import version; print(version('megatron-core'))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return out.stdout.strip()
+
+
+@pytest.mark.mcore_compat
+def test_checkpoints_resume_bitwise_across_megatron_core_releases(reference, fixtures):
+    """The reference run's step-20 checkpoint continues under the other environment's
+    megatron-core (SFMED_OTHER_PYTHON, e.g. Python 3.11 + 0.16.1 next to 3.12 + 0.19), which saves
+    at step 25; that checkpoint continues here again. Both legs reproduce the uninterrupted run
+    bit for bit."""
+    other = os.environ.get("SFMED_OTHER_PYTHON")
+    if not other:
+        pytest.skip("SFMED_OTHER_PYTHON is not set (a Python with another megatron-core release)")
+    releases = (_mcore_release(sys.executable), _mcore_release(other))
+    assert releases[0] != releases[1], f"both environments have megatron-core {releases[0]}"
+    data = f"data.prefix={fixtures['data']}"
+    there = fixtures["root"] / "other_release"
+    pretrain(
+        4, "parallel=tp2pp2", data, f"resume={reference / 'iter_0000020'}", f"ckpt_dir={there}",
+        "train.save_interval=5", python=other,
+    )  # fmt: skip
+    back = fixtures["root"] / "back_again"
+    pretrain(4, "parallel=tp2pp2", data, f"resume={there / 'iter_0000025'}", f"ckpt_dir={back}")
+    ref = metrics(reference)
+    for run, steps in ((there, range(21, STEPS + 1)), (back, range(26, STEPS + 1))):
+        got = metrics(run)
+        assert sorted(got) == list(steps), (run.name, releases)
+        for step in steps:
+            for key in ("loss", "grad_norm", "lr", "consumed_samples"):
+                assert got[step][key] == ref[step][key], (run.name, releases, step, key)
