@@ -88,5 +88,4 @@ def decoder_layer_spec(config, impl: str = "local", attention: str = "sdpa", vp_
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 
 
-decoder_block_spec = decoder_layer_spec
 """The name training used before the one-spec-path change (kept while callers move over)."""
