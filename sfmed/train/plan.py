@@ -131,9 +131,9 @@ def megatron_te_range() -> str | None:
     return None
 
 
-def check_te_version(cfg: RunConfig, version: str | None = None) -> None:
-    """Refuse a Transformer Engine too old for ``train.fp8_recipe``; warn outside the range
-    megatron-core declares. ``version`` defaults to the installed one."""
+def check_te_version(cfg: RunConfig, version: str | None = None, warn_range: bool = True) -> None:
+    """Refuse a Transformer Engine too old for ``train.fp8_recipe``; warn (``warn_range``)
+    outside the range megatron-core declares. ``version`` defaults to the installed one."""
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
@@ -152,7 +152,7 @@ def check_te_version(cfg: RunConfig, version: str | None = None) -> None:
                 f"{version} is installed. pip install 'transformer-engine[pytorch]"
                 f"{megatron_te_range() or '>=' + need}', or use train.fp8_recipe=delayed"
             )
-    supported = megatron_te_range()
+    supported = megatron_te_range() if warn_range else None
     if supported and not SpecifierSet(supported, prereleases=True).contains(v, prereleases=True):
         log.warning(
             "Transformer Engine %s is outside the range megatron-core supports (%s); "
@@ -234,7 +234,7 @@ def _resolve_precision(cfg: RunConfig, device: str) -> str:
                 f"train.fp8_recipe={cfg.train.fp8_recipe} needs Hopper or newer; use "
                 "fp8_recipe=delayed on Ada"
             )
-        check_te_version(cfg)
+        check_te_version(cfg, warn_range=False)  # the TE layer spec warns about the range
         if cfg.train.fp8_recipe == "mxfp8" and cc < 100:
             raise ConfigError(
                 "train.fp8_recipe=mxfp8 needs Blackwell (compute capability 10+); use "

@@ -29,9 +29,11 @@ from conftest import REPO
 EOD = 999
 SEQ, GBS, STEPS, LR = 32, 4, 3, 3e-3
 LAYOUTS = {  # name -> (processes, overrides)
-    "mbs1_ga4": (1, ["train.micro_batch_size=1"]),
-    "mbs2_ga2": (1, ["train.micro_batch_size=2"]),
-    "dp2_mbs1_ga2": (2, ["train.micro_batch_size=1", "parallel.use_distributed_optimizer=true",
+    "mbs1_ga4": (1, ["train.micro_batch_size=1", "train.save_interval=0"]),
+    "mbs2_ga2": (1, ["train.micro_batch_size=2", "train.save_interval=0"]),
+    # also saves after step 2: training goes on after the forced parameter sync
+    "dp2_mbs1_ga2": (2, ["train.micro_batch_size=1", "train.save_interval=2",
+                         "parallel.use_distributed_optimizer=true",
                          "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]),
 }  # fmt: skip
 
@@ -137,7 +139,8 @@ def layouts(tmp_path_factory):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     out = {"prefix": prefix, "runs": {}}
-    for name, (nproc, over) in LAYOUTS.items():
+    procs = {}
+    for name, (nproc, over) in LAYOUTS.items():  # concurrently: start-up dominates
         run = root / name
         cmd = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -145,14 +148,25 @@ def layouts(tmp_path_factory):
             str(REPO / "launch" / "pretrain.py"), "device=cpu", "model=tiny",
             f"data.prefix={prefix}", f"data.seq_length={SEQ}", "data.num_workers=0",
             "data.eod_mask_loss=true", f"data.eod_id={EOD}", f"train.steps={STEPS}",
-            f"train.global_batch_size={GBS}", "train.save_interval=0", f"optim.lr={LR}",
-            "optim.decay_style=constant",
+            f"train.global_batch_size={GBS}", f"optim.lr={LR}", "optim.decay_style=constant",
             "optim.warmup_steps=0", "logging.level=WARNING", f"ckpt_dir={run}", *over,
         ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-        if proc.returncode != 0:
-            pytest.fail(f"{name} exited {proc.returncode}\n{proc.stderr[-6000:]}")
+        log = open(root / f"{name}.log", "w")  # noqa: SIM115 (closed below)
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        cwd=REPO), log)  # fmt: skip
         out["runs"][name] = run
+    failed = []
+    for name, (proc, log) in procs.items():
+        try:
+            rc = proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "timeout"
+        log.close()
+        if rc != 0:
+            failed.append(f"{name} exited {rc}\n{(root / f'{name}.log').read_text()[-4000:]}")
+    if failed:
+        pytest.fail("\n".join(failed))
     return out
 
 
@@ -194,7 +208,10 @@ def test_saved_weights_hold_the_last_update_in_every_layout(layouts):
     those of step 2 (off by about one update, ~lr = 3e-3)."""
     ckpt = f"iter_{STEPS:07d}"
     saved = {name: _saved(run / ckpt) for name, run in layouts["runs"].items()}
-    for name, (weights, master) in saved.items():
+    # the DP=2 run also saved mid-run (after step 2) and trained on
+    assert (layouts["runs"]["dp2_mbs1_ga2"] / "iter_0000002").is_dir()
+    mid = {"dp2_mbs1_ga2 step 2": _saved(layouts["runs"]["dp2_mbs1_ga2"] / "iter_0000002")}
+    for name, (weights, master) in {**saved, **mid}.items():
         assert weights and master.keys() <= weights.keys(), name
         for k, live in master.items():
             assert torch.equal(weights[k], live), (name, k, (weights[k] - live).abs().max())
