@@ -60,8 +60,9 @@ setup(
             # the DPO losses are checked against TRL's own DPOTrainer loss code
             "trl>=1.16,<2",
         ],
-        # Optional accelerators: detected at run time, never required.
-        "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
+        # Optional accelerators: detected at run time, never required. Transformer Engine in the
+        # range megatron-core 0.16 declares (older TE fails FP8 recipes at the first forward).
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn>=2.6"],
         # The backend (sfmed/eval/backends/vllm_backend.py) uses the V1 engine's API: token-id
         # prompts, prompt_logprobs with enable_prefix_caching=False for scoring, and
         # llm_engine.engine_core.shutdown() between models; older releases differ.

@@ -22,6 +22,26 @@ from sfmed.train.plan import TrainPlan
 log = logging.getLogger(__name__)
 
 
+def use_grad_accum_fusion(plan: TrainPlan) -> bool:
+    """Whether to fuse weight-gradient accumulation into the GEMMs (logged either way).
+
+    Only on CUDA and only when apex's ``fused_weight_gradient_mlp_cuda`` imports: megatron's
+    ``ColumnParallelLinear`` output layer raises at model build without it, TE or not.
+    """
+    if plan.device != "cuda":
+        return False
+    from sfmed.models.specs import grad_accum_fusion_available
+
+    if grad_accum_fusion_available():
+        log.info("gradient_accumulation_fusion: on (fused_weight_gradient_mlp_cuda imports)")
+        return True
+    log.info(
+        "gradient_accumulation_fusion: off (apex's fused_weight_gradient_mlp_cuda extension "
+        "is not importable; install apex with --cuda_ext to enable it)"
+    )
+    return False
+
+
 def make_transformer_config(cfg: RunConfig, plan: TrainPlan):
     """megatron-core ``TransformerConfig`` for this run (parallelism, precision, recompute)."""
     p, t = cfg.parallel, cfg.train
@@ -49,7 +69,7 @@ def make_transformer_config(cfg: RunConfig, plan: TrainPlan):
         bias_activation_fusion=cuda,
         bias_dropout_fusion=cuda,
         apply_rope_fusion=cuda and te,
-        gradient_accumulation_fusion=cuda and te,
+        gradient_accumulation_fusion=use_grad_accum_fusion(plan),
         cross_entropy_loss_fusion=cuda,
         cross_entropy_fusion_impl="native",
     )

@@ -96,6 +96,20 @@ def _model_state(model: list, metadata: dict) -> dict:
     }
 
 
+def force_param_sync(model: list) -> None:
+    """Complete the distributed optimizer's parameter all-gather now, on every DDP chunk.
+
+    With ``overlap_param_gather`` megatron leaves the all-gather of the updated parameter shards
+    to the next forward pass (its pre-hooks), so right after ``optimizer.step()`` each rank's
+    model holds the new values only for its own shard. Megatron-LM and Megatron-Bridge force
+    the sync before saving for this reason; the next step all-gathers again as usual.
+    """
+    for chunk in model:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def load_weights(model: list, ckpt_dir: str | Path) -> None:
     """Load only the model weights of a torch_dist checkpoint into ``model`` (any TP/PP/VPP).
 
@@ -158,6 +172,7 @@ class Checkpointer:
         from megatron.core import dist_checkpointing
 
         self.maybe_finalize(blocking=True)  # one save in flight at a time
+        force_param_sync(self.model)  # saved weights = those after the last update
         final = self.run_dir / layout.iter_dir_name(iteration)
         tmp = self.run_dir / f".{final.name}.tmp"
         if self.rank == 0:

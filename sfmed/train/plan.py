@@ -26,7 +26,6 @@ from sfmed.models import (
     ModelArch,
     arch_from_dict,
     checkpoint_vocab_size,
-    flash_attn_available,
     te_available,
 )
 
@@ -106,6 +105,64 @@ def _resolve_device(device: str) -> str:
         raise ConfigError(str(e)) from None
 
 
+# The oldest Transformer Engine each FP8 recipe works with: megatron-core's
+# fp8_utils.get_fp8_recipe raises at the first forward below these.
+FP8_RECIPE_MIN_TE = {
+    "delayed": "1.0",
+    "mxfp8": "2.1.0",
+    "tensorwise": "2.2.0.dev0",
+    "blockwise": "2.3.0.dev0",
+}
+
+
+def megatron_te_range() -> str | None:
+    """The Transformer Engine versions the installed megatron-core declares (its metadata)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        reqs = metadata.requires("megatron-core") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for r in map(Requirement, reqs):
+        if r.name.replace("_", "-") == "transformer-engine" and str(r.specifier):
+            return str(r.specifier)
+    return None
+
+
+def check_te_version(cfg: RunConfig, version: str | None = None, warn_range: bool = True) -> None:
+    """Refuse a Transformer Engine too old for ``train.fp8_recipe``; warn (``warn_range``)
+    outside the range megatron-core declares. ``version`` defaults to the installed one."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if version is None:
+        from sfmed.models.specs import te_version
+
+        version = te_version()
+    if version is None:
+        return
+    v = Version(version)
+    if cfg.train.precision == "fp8":
+        need = FP8_RECIPE_MIN_TE.get(cfg.train.fp8_recipe)
+        if need is not None and v < Version(need):
+            raise ConfigError(
+                f"train.fp8_recipe={cfg.train.fp8_recipe} needs Transformer Engine >= {need}; "
+                f"{version} is installed. pip install 'transformer-engine[pytorch]"
+                f"{megatron_te_range() or '>=' + need}', or use train.fp8_recipe=delayed"
+            )
+    supported = megatron_te_range() if warn_range else None
+    if supported and not SpecifierSet(supported, prereleases=True).contains(v, prereleases=True):
+        log.warning(
+            "Transformer Engine %s is outside the range megatron-core supports (%s); "
+            "pip install 'transformer-engine[pytorch]%s'",
+            version,
+            supported,
+            supported,
+        )
+
+
 def _resolve_impl(cfg: RunConfig, device: str, precision: str) -> tuple[str, str]:
     impl = cfg.model.transformer_impl
     if impl == "auto":
@@ -121,16 +178,27 @@ def _resolve_impl(cfg: RunConfig, device: str, precision: str) -> tuple[str, str
                 "model.transformer_impl=transformer_engine but Transformer Engine is not "
                 "installed; pip install 'transformer-engine[pytorch]' or use transformer_impl=local"
             )
+        check_te_version(cfg)
         return impl, "te"
     attention = cfg.model.attention_backend
     if attention == "auto":
-        fa = device == "cuda" and precision in ("bf16", "fp16") and flash_attn_available()
-        attention = "flash" if fa else "sdpa"
+        attention = "sdpa"
+        if device == "cuda" and precision in ("bf16", "fp16"):
+            from sfmed.models.specs import flash_attn_status
+
+            ok, why = flash_attn_status()
+            if ok:
+                attention = "flash"
+            else:
+                log.info("attention_backend=auto: using PyTorch SDPA, not flash-attn: %s", why)
     if attention == "flash":
-        if not flash_attn_available():
+        from sfmed.models.specs import flash_attn_status
+
+        ok, why = flash_attn_status()
+        if not ok:
             raise ConfigError(
-                "model.attention_backend=flash but the flash-attn package is not installed; "
-                "pip install flash-attn, or use attention_backend=sdpa"
+                f"model.attention_backend=flash but {why}; pip install flash-attn built for "
+                "this torch, or use model.attention_backend=sdpa"
             )
         if device != "cuda" or precision not in ("bf16", "fp16"):
             raise ConfigError(
@@ -166,6 +234,7 @@ def _resolve_precision(cfg: RunConfig, device: str) -> str:
                 f"train.fp8_recipe={cfg.train.fp8_recipe} needs Hopper or newer; use "
                 "fp8_recipe=delayed on Ada"
             )
+        check_te_version(cfg, warn_range=False)  # the TE layer spec warns about the range
         if cfg.train.fp8_recipe == "mxfp8" and cc < 100:
             raise ConfigError(
                 "train.fp8_recipe=mxfp8 needs Blackwell (compute capability 10+); use "
