@@ -300,21 +300,3 @@ def run(cfg: RunConfig, recipe: Recipe) -> str:
         log.info("run %s at step %d (%s)", status, trainer.state.iteration, plan.run_dir)
     destroy_distributed()
     return status
-
-
-def launch(prog: str, cfg, recipe_cls: type[Recipe]) -> str:
-    """What a training entry point's ``@hydra.main`` function does with the composed config:
-    validate it into the typed schema, train ``recipe_cls``, and exit through
-    :func:`sfmed.core.cli.run_cli` (a user error: one message on rank 0, exit 2)."""
-    from omegaconf import OmegaConf
-
-    from sfmed.core.cli import is_rank0, run_cli
-
-    def _train() -> str:
-        conf = OmegaConf.to_object(cfg)  # the typed schema; __post_init__ validates
-        return run(conf, recipe_cls(conf))
-
-    status = run_cli(prog, _train)
-    if is_rank0():
-        print(f"{prog}: {status}", flush=True)
-    return status
