@@ -233,6 +233,8 @@ def run_loop(ctx, train_iters, valid_dataset, signals: ExitSignals | None) -> st
         st.skipped_steps = ctx.guard.skipped_total
         window_steps += 1
         window_tokens += res.throughput_tokens
+        if getattr(ctx, "progress", None) is not None:
+            ctx.progress.update(st.iteration, res.throughput_tokens, res.loss)
         if st.iteration % cfg.logging.interval == 0 or st.iteration == t_cfg.steps:
             if ctx.plan.device == "cuda":
                 torch.cuda.synchronize()

@@ -82,6 +82,9 @@ class Trainer:
         meta = {
             "arch": arch_to_dict(dataclasses.replace(plan.arch, torch_dtype=stored)),
             "padded_vocab_size": plan.padded_vocab_size,
+            # The dtype the model came in with (the init/resume checkpoint's), which export
+            # writes by default; a random init has none and exports as stored.
+            "source_dtype": plan.ckpt_meta.get("source_dtype") or plan.ckpt_meta.get("dtype"),
             "make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by,
             "tp": cfg.parallel.tp,
             "pp": cfg.parallel.pp,
@@ -116,6 +119,7 @@ class Trainer:
         )
         self.peak = metrics.peak_tflops(plan.precision, cfg.logging.peak_tflops)
         self.sink: metrics.MetricsSink | None = None
+        self.progress: metrics.Progress | None = None
 
     def build_frozen_model(self, ckpt_dir) -> list[torch.nn.Module]:
         """Another copy of the model in this run's layout, with ``ckpt_dir``'s weights, frozen
@@ -204,7 +208,8 @@ class Trainer:
             "skip_reason": res.reason or None,
             **res.metrics,
             **metrics.memory_gb(self.plan.device == "cuda"),
-        }
+            **(self.progress.snapshot(self.state.iteration) if self.progress is not None else {}),
+        }  # fmt: skip
         if self.sink is not None:
             self.sink.log(record, metrics.console_line(record))
 
@@ -303,6 +308,9 @@ def run(cfg: RunConfig, recipe: Recipe) -> str:
                 total=cfg.train.steps * cfg.train.global_batch_size,
             )  # fmt: skip
             log.info("training steps %d..%d", st.iteration + 1, cfg.train.steps)
+            trainer.progress = metrics.Progress(
+                cfg.train.steps, st.iteration, enabled=info.rank == 0
+            )
             status = loop.run_loop(trainer, train_iters, valid_ds, signals)
         trainer.checkpointer.close()
     except BaseException as e:
@@ -324,6 +332,8 @@ def run(cfg: RunConfig, recipe: Recipe) -> str:
     finally:
         if signals is not None:
             signals.restore()
+        if trainer is not None and trainer.progress is not None:
+            trainer.progress.close()
         if trainer is not None and trainer.sink is not None:
             trainer.sink.close()
     if info.rank == 0:

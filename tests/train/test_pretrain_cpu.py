@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -317,6 +318,8 @@ def test_sigterm_saves_and_exits(fixtures):
     )
     _saved_and_interrupted(out, status, run)
     assert out.count("received SIGTERM") == 1  # announced once, by rank 0
+    # Not a terminal: progress comes as periodic plain lines (step/total, ETA, tokens).
+    assert re.search(r"step \d+/2000 \| loss .*\| ETA \d+:\d\d:\d\d \| [\d.]+k? tokens", out), out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("valid_loss") is not None for r in records)  # validation ran
     run_id = (run / "wandb_run_id.txt").read_text().strip()  # wandb, offline, in the run dir
