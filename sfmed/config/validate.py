@@ -39,6 +39,18 @@ def _groups(cfg: Any, schema: type) -> tuple[dict[str, Any], list[str]]:
     return groups, problems
 
 
+def _starts_from_checkpoint(conf: Any) -> bool:
+    """Whether the run will load a checkpoint (whose architecture ``model=auto`` takes)."""
+    from pathlib import Path
+
+    from sfmed.core.megatron_layout import TRACKER
+
+    if conf.init_from or conf.resume not in ("auto", "never"):
+        return True
+    ckpt_dir = getattr(conf, "ckpt_dir", None)
+    return conf.resume == "auto" and bool(ckpt_dir) and (Path(ckpt_dir) / TRACKER).is_file()
+
+
 def world_size_problems(conf: Any, world_size: int | None = None) -> list[str]:
     """What cannot work with ``world_size`` processes (default ``$WORLD_SIZE``), from the config
     alone: parallel sizes, the preset model's heads/layers, batch sizes, warmup. Groups that are
@@ -56,7 +68,7 @@ def world_size_problems(conf: Any, world_size: int | None = None) -> list[str]:
 
     dp = check(validate_parallel_sizes, world, p.tp, p.pp, p.cp) if p else None
     # A preset's shape is known here; one read from a checkpoint or HF config is checked later.
-    from_ckpt = m is not None and m.from_checkpoint and (conf.init_from or conf.resume != "never")
+    from_ckpt = m is not None and m.from_checkpoint and _starts_from_checkpoint(conf)
     if p and m and not m.hf_config and not from_ckpt:
         check(validate_parallel, m, p.tp, p.pp)
     if t and dp and t.global_batch_size % (t.micro_batch_size * dp):
@@ -86,7 +98,12 @@ def validate_run_config(cfg: Any, schema: type, world_size: int | None = None) -
 
     groups, problems = _groups(cfg, schema)
     if problems:
-        view = SimpleNamespace(**groups, init_from=cfg.get("init_from"), resume=cfg.get("resume"))
+        view = SimpleNamespace(
+            **groups,
+            init_from=cfg.get("init_from"),
+            resume=cfg.get("resume"),
+            ckpt_dir=cfg.get("ckpt_dir"),
+        )
         raise ConfigErrors(problems + world_size_problems(view, world_size))
     try:
         conf = OmegaConf.to_object(cfg)

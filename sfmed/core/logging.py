@@ -1,7 +1,7 @@
 """Logging set-up for every entry point, and the one place that silences known noise.
 
 :func:`setup_logging` configures the root logger once per process (rank 0 at the requested
-level, other ranks at WARNING) and :func:`quiet_third_party` filters warnings that say nothing
+level, other ranks at ERROR: what they would warn about, rank 0 says once) and :func:`quiet_third_party` filters warnings that say nothing
 to a user of sfmed: megatron-core announcing that the optional Transformer Engine / Apex
 kernels are absent (sfmed's local spec does not use them), and deprecation notices raised inside
 megatron-core, torch and transformers about their own internals.
@@ -38,7 +38,7 @@ def quiet_third_party() -> None:
 
 
 def setup_logging(level: int | str = logging.INFO, rank: int = 0) -> None:
-    """Log to stderr: rank 0 at ``level``, other ranks at WARNING; noisy libraries at WARNING.
+    """Log to stderr: rank 0 at ``level``, other ranks at ERROR; noisy libraries at WARNING.
 
     ``level`` is a logging level or its name (``"INFO"``). Replaces earlier handlers, so calling
     it again (e.g. after torchrun sets the rank) is safe.
@@ -50,7 +50,9 @@ def setup_logging(level: int | str = logging.INFO, rank: int = 0) -> None:
 
             raise ConfigError(f"logging level {level!r}: use DEBUG, INFO, WARNING or ERROR")
         level = logging.getLevelNamesMapping()[name]
-    effective = level if rank == 0 else max(level, logging.WARNING)
+    # Every rank runs the same code, so a warning on rank k is (nearly always) rank 0's warning
+    # again: N copies per run. Rank-specific trouble is an error or a crash, and those show.
+    effective = level if rank == 0 else max(level, logging.ERROR)
     tag = f"[rank{rank}] " if rank else ""
     logging.basicConfig(level=effective, format=_FORMAT.format(rank=tag), force=True)
     for noisy in _NOISY_LOGGERS:

@@ -21,9 +21,13 @@ def launch(prog: str, cfg: Any, schema: type, recipe: str) -> str:
     def _train() -> str:
         conf = validate_run_config(cfg, schema)
         hold_sigterm(False)  # held since the entry point started (see hold_sigterm)
-        from sfmed.core.logging import quiet_third_party
+        import os
 
-        quiet_third_party()  # before megatron-core is imported
+        from sfmed.core.logging import setup_logging
+
+        # Before the plan and megatron-core's import: their warnings shown once (rank 0), with
+        # the known third-party noise filtered.
+        setup_logging(conf.logging.level, int(os.environ.get("RANK", "0")))
         module, name = recipe.split(":")
         recipe_cls = getattr(importlib.import_module(module), name)
         from sfmed.train.trainer import run
