@@ -211,7 +211,12 @@ def check_data(
         except FileNotFoundError as e:
             raise ConfigError(f"data.tokenizer={tokenizer}: {e}") from None
         if eod is None:
-            eod = _eod_from_tokenizer(tokenizer, eod_token)
+            try:
+                eod = _eod_from_tokenizer(tokenizer, eod_token)
+            except (OSError, ValueError) as e:  # transformers cannot load it: no EOD to compare
+                log.warning(
+                    "tokenizer %s does not load (%s); its EOD id is not checked", tokenizer, e
+                )
     needed = ("train", "valid") if t.eval_interval else ("train",)
     problems: list[str] = []
     for prefix in data.prefixes:

@@ -209,3 +209,27 @@ def test_init_from_implies_the_checkpoint_architecture(tmp_path):
     assert "hidden_size: checkpoint 128 vs model 64" in msg and "ffn_hidden_size" in msg
     # Without a checkpoint the default is the tiny shape.
     assert plan([f"data.prefix={corpus}", f"ckpt_dir={tmp_path}/r2"]).arch == tiny
+
+
+def test_data_of_another_tokenizer_than_the_checkpoints_is_refused(tmp_path, tiny_tokenizer_dir):
+    """The model's tokenizer is the one that came with init_from (its hf/ folder)."""
+    import shutil
+
+    from sfmed.data.metadata import tokenizer_hash
+
+    corpus = write(tmp_path / "c_text_document", docs(200), np.uint16,
+                   {"path": "other/tok", "hash": "0123456789abcdef", "vocab_size": 600})  # fmt: skip
+    tiny = compose(["model=tiny"]).model.arch()
+    root = tmp_path / "init"
+    _fake_checkpoint(root, tiny)
+    shutil.copytree(tiny_tokenizer_dir, root / layout.HF_SIDECAR)
+    base = [f"data.prefix={corpus}", f"init_from={root}", f"ckpt_dir={tmp_path}/r"]
+    with pytest.raises(ConfigError) as e:
+        plan(base)
+    msg = str(e.value)
+    assert "0123456789abcdef" in msg and tokenizer_hash(tiny_tokenizer_dir) in msg
+    assert "the same ids mean different text" in msg
+    # Data made with that very tokenizer passes.
+    good = write(tmp_path / "g_text_document", docs(200), np.uint16,
+                 {"path": "tok", "hash": tokenizer_hash(tiny_tokenizer_dir), "vocab_size": 600})  # fmt: skip
+    assert plan([f"data.prefix={good}", *base[1:]]).recipe.prefixes == [good]
