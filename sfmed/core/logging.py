@@ -4,7 +4,8 @@
 level, other ranks at ERROR: what they would warn about, rank 0 says once) and :func:`quiet_third_party` filters warnings that say nothing
 to a user of sfmed: megatron-core announcing that the optional Transformer Engine / Apex
 kernels are absent (sfmed's local spec does not use them), and deprecation notices raised inside
-megatron-core, torch and transformers about their own internals.
+megatron-core, torch and transformers about their own internals (e.g. torch's renamed
+collectives that megatron-core calls every step).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ _IGNORED_WARNINGS = (
     # torch.distributed.checkpoint's own ShardedTensor notice, raised while megatron-core builds
     # its sharded state dicts (attributed to whatever frame calls it).
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor", r""),
+    # torch's renaming of the collectives megatron-core's distributed optimizer calls every step
+    # (attributed to torch's c10d logger wrapper): once per step and rank otherwise.
+    (
+        FutureWarning,
+        r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        r"",
+    ),
 )
 
 

@@ -96,7 +96,9 @@ class TokenIds:
 
     def __init__(self, vocab_size: int, eod: int | None):
         self.vocab_size = vocab_size
-        self.eod = -1 if eod is None else eod
+        # Unknown EOD (only the reset/mask options read it, and they require it): an id no data
+        # holds, and not megatron's placeholder pad id -1, which it would warn collides with EOD.
+        self.eod = -2 if eod is None else eod
         self.unique_identifiers = {"class": "sfmed.TokenIds", "vocab_size": vocab_size}
 
 

@@ -333,3 +333,5 @@ def test_ctrl_c_saves_and_exits_like_sigterm(fixtures):
     )
     _saved_and_interrupted(out, status, run)
     assert out.count("received SIGINT") == 1
+    # No per-rank or per-step warnings of libraries (filtered once, in sfmed/core/logging.py).
+    assert "Warning: " not in out, out[-3000:]
