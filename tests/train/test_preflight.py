@@ -137,6 +137,7 @@ def test_empty_split_is_refused_naming_it(tmp_path):
               "train.eval_interval=5"])  # fmt: skip
 
 
+@pytest.mark.slow  # a fresh process that imports megatron-core: ~50 s on 2 busy cores
 def test_four_documents_default_split_without_eval_builds_without_hanging(tmp_path):
     """The default split and eval_interval=0 on 4 documents: the empty valid split is not built
     (megatron's GPTDataset would search forever), and the train split has every document."""
