@@ -4,7 +4,7 @@ A training entry point turns Hydra's composed config into its typed schema here:
 validated on its own so that **all** problems are reported together
 (:class:`~sfmed.core.errors.ConfigErrors`), then the checks that need only the world size
 (parallel sizes against the processes and the model's heads, batch divisibility, warmup) run on
-the result. Torch-free: under torchrun every rank gets its answer in about a second instead of
+the result. Torch-free: under torchrun every rank gets its answer within seconds instead of
 after importing megatron-core; the trainer's plan repeats these checks with the full picture.
 """
 

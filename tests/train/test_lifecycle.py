@@ -104,3 +104,25 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     again = RunLock(run)
     again.acquire()
     again.release()
+
+
+def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
+    """A resume truncates metrics.jsonl to its checkpoint; the steps after it are logged again."""
+    from sfmed.train.metrics import MetricsSink
+
+    run = tmp_path / "run"
+    first = MetricsSink(run, enabled=True)
+    for step in range(1, 8):
+        first.log({"step": step, "loss": float(step)})
+    first.log({"step": 5, "valid_loss": 1.0})  # a validation record of step 5
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "lo')  # cut by the crash
+    first.close()
+    resumed = MetricsSink(run, enabled=True, resume_step=5)  # the checkpoint was step 5
+    for step in range(6, 9):
+        resumed.log({"step": step, "loss": 10.0 + step})
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r["step"] for r in records if "loss" in r]
+    assert train == list(range(1, 9))
+    assert [r["loss"] for r in records if r["step"] == 7 and "loss" in r] == [17.0]
+    assert sum(1 for r in records if "valid_loss" in r) == 1
