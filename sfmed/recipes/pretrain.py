@@ -257,10 +257,11 @@ def build_gpt_datasets(cfg: PretrainConfig, plan, data: PretrainData):
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    if not n_evals:
-        # Without evaluation the valid/test splits are not built at all (an empty one would make
-        # megatron's GPTDataset search forever); the train split keeps its documents.
-        gcfg.split_matrix = [gcfg.split_matrix[0], None, None]
+    # Splits the run does not read are not built at all — the test split never, the valid split
+    # without evaluation — since an empty one would make megatron's GPTDataset search forever.
+    # The train split keeps its documents (the ranges do not depend on the others being built).
+    m = gcfg.split_matrix
+    gcfg.split_matrix = [m[0], m[1] if n_evals else None, None]
     sizes = [train_samples, valid_samples if valid_samples else None, None]
     train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, lambda: True, gcfg
