@@ -180,7 +180,7 @@ def build_optimizer(cfg: RunConfig, plan: TrainPlan, model: list):
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps,
+        lr_warmup_steps=plan.warmup_steps,
         lr_decay_steps=plan.decay_steps,
         lr_decay_style=o.decay_style,
         start_wd=o.weight_decay,
