@@ -117,6 +117,11 @@ def test_plan_resolves_the_data(datasets, tmp_path):
         ("bigvocab", [], r"vocabulary of 5000 tokens but the model has 1000"),
         ("a", ["train.eval_interval=5"], r"has no validation part"),
         (None, [], r"no SFT data: set data.prefix="),
+        (
+            "a",
+            ["model.transformer_impl=local", "model.attention_backend=unfused"],
+            r"attention_backend=unfused: megatron's DotProductAttention refuses packed",
+        ),
     ],
 )
 def test_data_that_cannot_work_fails_before_work(datasets, tmp_path, key, extra, match):
