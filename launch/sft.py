@@ -1,0 +1,45 @@
+"""Supervised fine-tuning: ``torchrun --nproc_per_node N launch/sft.py [overrides]``.
+
+Examples::
+
+    torchrun --nproc_per_node 4 launch/sft.py device=cpu model=tiny parallel=tp2pp2 \
+        init_from=runs/pretrain data.prefix=data/sft/chatmed_sft train.steps=20
+    torchrun --nproc_per_node 8 launch/sft.py model=qwen2_7b parallel=qwen2_7b_8gpu \
+        init_from=ckpt/qwen2-7b-mcore 'data.blend=[{prefix: data/sft/cmtmedqa_sft, weight: 2},
+        {prefix: data/sft/huatuo26m_lite_sft, weight: 1}]' run_name=sft-7b
+    python launch/sft.py engine=hf hf.model=hf/qwen2-7b hf.lora.enabled=true ...
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from sfmed.config.sft import register
+
+register()
+
+
+@hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from sfmed.core.logging import quiet_third_party
+
+    quiet_third_party()  # before megatron-core is imported
+    if cfg.engine == "hf":
+        from omegaconf import OmegaConf
+
+        from sfmed.core.cli import run_cli
+
+        def _hf():
+            from sfmed.hf_engine.sft import run
+
+            return run(OmegaConf.to_object(cfg))
+
+        run_cli("sft", _hf)
+        return
+    from sfmed.recipes.sft import SFTRecipe
+    from sfmed.train.trainer import launch
+
+    launch("sft", cfg, SFTRecipe)
+
+
+if __name__ == "__main__":
+    main()
