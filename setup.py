@@ -22,9 +22,9 @@ setup(
     install_requires=[
         # torch first: install the build that matches your machine (CPU or CUDA) before sfmed.
         "torch>=2.4",
-        # Tested with 0.16.1 (newest that installs on Python 3.11); the CPU emulation and the
-        # checkpoint layout are checked against this range.
-        "megatron-core>=0.15.0,<0.17",
+        # Exactly the releases CI tests (docs/compatibility.md): 0.16.1 (newest for Python 3.11)
+        # and 0.19.x (Python 3.12). 0.17/0.18 are untested, so they are excluded.
+        "megatron-core>=0.16.1,!=0.17.*,!=0.18.*,<0.20",
         "transformers>=4.56",
         "safetensors>=0.4",
         "tokenizers>=0.19",
@@ -60,8 +60,9 @@ setup(
             # the DPO losses are checked against TRL's own DPOTrainer loss code
             "trl>=1.16,<2",
         ],
-        # Optional accelerators: detected at run time, never required.
-        "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
+        # Optional accelerators: detected at run time, never required. Transformer Engine in the
+        # range megatron-core 0.16 declares (older TE fails FP8 recipes at the first forward).
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn>=2.6"],
         # The backend (sfmed/eval/backends/vllm_backend.py) uses the V1 engine's API: token-id
         # prompts, prompt_logprobs with enable_prefix_caching=False for scoring, and
         # llm_engine.engine_core.shutdown() between models; older releases differ.

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from sfmed.config.data import check_source_overrides, register
 from sfmed.core.cli import run_cli
+from sfmed.core.logging import setup_logging
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -31,7 +32,7 @@ def _preprocess(cfg: DictConfig) -> None:
     from sfmed.data.preprocess import preprocess
     from sfmed.data.report import render_markdown
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(logging.INFO)
     conf = OmegaConf.to_object(cfg)  # the typed PreprocessConfig; __post_init__ validates
     try:
         report = preprocess(conf)

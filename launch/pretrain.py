@@ -8,23 +8,23 @@ Examples::
         init_from=ckpt/qwen2-7b-mcore data=pretrain_medical run_name=cpt-7b
 """
 
-import hydra
-from omegaconf import DictConfig
+from sfmed.core.cli import hold_sigterm
 
-from sfmed.config.pretrain import register
+hold_sigterm()  # until the config is validated: every rank then exits 2 on a config error
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from sfmed.config.pretrain import PretrainConfig, register  # noqa: E402
 
 register()
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from sfmed.core.logging import quiet_third_party
+    from sfmed.train.entry import launch
 
-    quiet_third_party()  # before megatron-core is imported
-    from sfmed.recipes.pretrain import PretrainRecipe
-    from sfmed.train.trainer import launch
-
-    launch("pretrain", cfg, PretrainRecipe)
+    launch("pretrain", cfg, PretrainConfig, "sfmed.recipes.pretrain:PretrainRecipe")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "dist: launches torchrun workers (CPU emulation, gloo)")
     config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 cores")
     config.addinivalue_line("markers", "shared: reads ../shared (skipped when absent)")
+    config.addinivalue_line(
+        "markers",
+        "mcore_compat: exercises megatron-core directly; CI runs these on every supported "
+        "megatron-core release (.ci/compat312.sh)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,7 +37,8 @@ def pytest_collection_modifyitems(config, items):
 
     skip_gpu = pytest.mark.skip(reason="no CUDA device visible")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        # The marker, not item.keywords: keywords also hold file names (test_gpu_decisions.py).
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 
 
@@ -72,9 +77,9 @@ def tiny_qwen2_factory(tmp_path_factory):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from sfmed.core.ports import free_port
+
+    return free_port()
 
 
 @pytest.fixture

@@ -28,6 +28,11 @@ class ModelConfig:
     name: str = "tiny"
     """Label only (logs, wandb, checkpoint metadata)."""
 
+    from_checkpoint: bool = False
+    """Take the architecture from the checkpoint the run starts from (``init_from``, or the
+    run's own checkpoint on resume: its ``sfmed.json``, else its ``hf/config.json``); the fields
+    below only apply when there is none. ``model=auto`` (the default) sets it."""
+
     family: str = "qwen2"
     """The model family (HF ``model_type``) of the fields below; ignored with ``hf_config``,
     whose ``model_type`` decides."""

@@ -20,7 +20,14 @@ class OptimConfig:
     min_lr: float = 1e-6
     """The floor the schedule decays to."""
 
-    warmup_steps: int = 0
+    warmup_steps: int | None = None
+    """Linear warmup steps; when set, wins over ``warmup_fraction``."""
+
+    warmup_fraction: float | None = None
+    """Warmup as a share of the decay horizon (Megatron-LM's ``--lr-warmup-fraction``): the
+    shipped optimizer configs use 0.05, which fits runs of any length (100 steps of a 2000-step
+    run, 2 of a 30-step one). ``None`` with ``warmup_steps`` unset: no warmup."""
+
     decay_style: str = "cosine"
     """cosine | linear | constant | WSD (warmup-stable-decay) | inverse-square-root."""
 
@@ -53,13 +60,26 @@ class OptimConfig:
     max_consecutive_skips: int = 10
     """Stop the run when this many steps in a row were skipped."""
 
+    def resolve_warmup(self, decay_steps: int) -> int:
+        """Warmup steps for a decay horizon of ``decay_steps``: ``warmup_steps`` when set, else
+        ``warmup_fraction`` of the horizon (rounded), else 0."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        if self.warmup_fraction:
+            return int(round(self.warmup_fraction * decay_steps))
+        return 0
+
     def __post_init__(self):
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(
+                f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1), e.g. 0.05"
+            )
         if self.decay_style not in DECAY_STYLES:
             raise ConfigError(
                 f"optim.decay_style={self.decay_style!r} is not one of {list(DECAY_STYLES)}"

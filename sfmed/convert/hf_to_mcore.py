@@ -150,6 +150,8 @@ def convert_hf_to_mcore(
                 "pp": pp,
                 "layers_per_stage": list(layers_per_stage) if layers_per_stage else None,
                 "dtype": dtype_name(out_dtype),
+                # What the model came in with: export (to=hf) writes it back by default.
+                "source_dtype": dtype_name(weights.dtype),
                 "format": "torch_dist",
                 "iteration": layout.RELEASE,
                 "origin": {
@@ -171,6 +173,7 @@ def convert_hf_to_mcore(
         writer.bytes_written,
         time.perf_counter() - t0,
         n_files,
+        dtype_name(out_dtype),
     )
     log.info(summary.line())
     return summary

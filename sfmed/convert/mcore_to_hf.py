@@ -24,7 +24,7 @@ from sfmed.convert.report import ConversionSummary, progress_bar
 from sfmed.core import megatron_layout as layout
 from sfmed.core.atomic import atomic_dir, check_destination
 from sfmed.core.background import prefetched
-from sfmed.core.dtypes import dtype_name
+from sfmed.core.dtypes import dtype_name, torch_dtype
 from sfmed.core.errors import CheckpointFormatError, CheckpointMismatchError, ConfigError
 from sfmed.core.torch_dist import TorchDistReader
 from sfmed.core.units import parse_size
@@ -113,7 +113,9 @@ def convert_mcore_to_hf(
     """Convert the Megatron checkpoint ``src`` (root with tracker, or an iter_*/release folder)
     into an HF folder ``dst`` that ``transformers`` loads as the family's causal-LM class.
 
-    ``dtype=None`` keeps the stored dtype (exact). ``hf_config`` supplies config.json and
+    ``dtype=None`` writes the dtype the model came in with (``source_dtype`` in ``sfmed.json``:
+    recorded at conversion and carried through training — a bf16 model trained in fp32 on CPU
+    exports as bf16), else the stored dtype. ``hf_config`` supplies config.json and
     tokenizer files when the checkpoint carries none. Returns a :class:`ConversionSummary`.
     """
     t0 = time.perf_counter()
@@ -127,8 +129,16 @@ def convert_mcore_to_hf(
     check_checkpoint_tensors(reader, arch, padded)
     sidecar = find_hf_sidecar(ckpt_dir, hf_config)
     stored = Counter(reader.dtype(m.mcore) for m in mapping.tensors)
-    out_dtype = dtype or stored.most_common(1)[0][0]
-    if len(stored) > 1 and dtype is None:
+    meta = layout.read_meta(ckpt_dir)
+    source = meta.get("source_dtype") or meta.get("dtype")
+    out_dtype = dtype or (torch_dtype(source) if source else stored.most_common(1)[0][0])
+    if dtype is None and source and {out_dtype} != set(stored):
+        log.info(
+            "writing %s, the dtype the model came in with (stored: %s); dtype= chooses another",
+            dtype_name(out_dtype),
+            ", ".join(sorted(dtype_name(d) for d in stored)),
+        )
+    elif len(stored) > 1 and dtype is None:
         log.warning("checkpoint mixes dtypes %s; writing %s", dict(stored), out_dtype)
     specs = [
         (name, shape, out_dtype)
@@ -170,6 +180,7 @@ def convert_mcore_to_hf(
         writer.total_bytes,
         time.perf_counter() - t0,
         n_files,
+        dtype_name(out_dtype),
     )
     log.info(summary.line())
     return summary

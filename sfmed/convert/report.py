@@ -17,12 +17,16 @@ class ConversionSummary:
     bytes: int
     seconds: float
     files: int
+    dtype: str = ""
+    """The dtype of the written weights."""
 
     def line(self) -> str:
-        """``hf->mcore: 339 tensors, 15.23 GB in 512.3 s (29.7 MB/s), 4 data files -> dst``."""
+        """``hf->mcore: 339 tensors (bfloat16), 15.23 GB in 512.3 s (29.7 MB/s), 4 data files ->
+        dst``."""
         rate = self.bytes / max(self.seconds, 1e-9) / 1e6
+        dt = f" ({self.dtype})" if self.dtype else ""
         return (
-            f"{self.direction}: {self.tensors} tensors, {human_bytes(self.bytes)} in "
+            f"{self.direction}: {self.tensors} tensors{dt}, {human_bytes(self.bytes)} in "
             f"{self.seconds:.1f} s ({rate:.1f} MB/s), {self.files} data files -> {self.dst}"
         )
 

@@ -1,10 +1,11 @@
 """Logging set-up for every entry point, and the one place that silences known noise.
 
 :func:`setup_logging` configures the root logger once per process (rank 0 at the requested
-level, other ranks at WARNING) and :func:`quiet_third_party` filters warnings that say nothing
+level, other ranks at ERROR: what they would warn about, rank 0 says once) and :func:`quiet_third_party` filters warnings that say nothing
 to a user of sfmed: megatron-core announcing that the optional Transformer Engine / Apex
 kernels are absent (sfmed's local spec does not use them), and deprecation notices raised inside
-megatron-core, torch and transformers about their own internals.
+megatron-core, torch and transformers about their own internals (e.g. torch's renamed
+collectives that megatron-core calls every step).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ _IGNORED_WARNINGS = (
     # torch.distributed.checkpoint's own ShardedTensor notice, raised while megatron-core builds
     # its sharded state dicts (attributed to whatever frame calls it).
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor", r""),
+    # torch's renaming of the collectives megatron-core's distributed optimizer calls every step
+    # (attributed to torch's c10d logger wrapper): once per step and rank otherwise.
+    (
+        FutureWarning,
+        r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        r"",
+    ),
 )
 
 
@@ -38,7 +46,7 @@ def quiet_third_party() -> None:
 
 
 def setup_logging(level: int | str = logging.INFO, rank: int = 0) -> None:
-    """Log to stderr: rank 0 at ``level``, other ranks at WARNING; noisy libraries at WARNING.
+    """Log to stderr: rank 0 at ``level``, other ranks at ERROR; noisy libraries at WARNING.
 
     ``level`` is a logging level or its name (``"INFO"``). Replaces earlier handlers, so calling
     it again (e.g. after torchrun sets the rank) is safe.
@@ -50,7 +58,9 @@ def setup_logging(level: int | str = logging.INFO, rank: int = 0) -> None:
 
             raise ConfigError(f"logging level {level!r}: use DEBUG, INFO, WARNING or ERROR")
         level = logging.getLevelNamesMapping()[name]
-    effective = level if rank == 0 else max(level, logging.WARNING)
+    # Every rank runs the same code, so a warning on rank k is (nearly always) rank 0's warning
+    # again: N copies per run. Rank-specific trouble is an error or a crash, and those show.
+    effective = level if rank == 0 else max(level, logging.ERROR)
     tag = f"[rank{rank}] " if rank else ""
     logging.basicConfig(level=effective, format=_FORMAT.format(rank=tag), force=True)
     for noisy in _NOISY_LOGGERS:

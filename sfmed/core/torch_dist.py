@@ -3,7 +3,8 @@
 A torch_dist checkpoint folder is a PyTorch Distributed Checkpoint (DCP) plus two megatron files::
 
     metadata.json      {"sharded_backend": "torch_dist", ...}   (megatron's marker; written last)
-    common.pt          torch.save of the non-tensor part of the state dict
+    common.pt          torch.save of the non-tensor part of the state dict (megatron-core >= 0.19
+                       keeps it in the DCP files as object ``common_state``; sfmed writes both)
     .metadata          pickled torch.distributed.checkpoint.Metadata: every tensor's global shape,
                        dtype and chunk grid, and where each chunk's bytes are
     __R_0.distcp       the chunks saved by rank R, each one a ``torch.save``d tensor
@@ -64,14 +65,6 @@ DCP_METADATA = ".metadata"
 COMMON = "common.pt"
 MARKER = "metadata.json"
 BACKEND = "torch_dist"
-# megatron-core's CheckpointingConfig as dist_checkpointing.save writes it (asserted equal to
-# megatron's own file in the tests). Written by hand: importing megatron.core costs seconds.
-MARKER_CONTENT = {
-    "sharded_backend": BACKEND,
-    "sharded_backend_version": 1,
-    "common_backend": "torch",
-    "common_backend_version": 1,
-}
 
 
 @contextlib.contextmanager
@@ -194,6 +187,12 @@ class TorchDistWriter:
 
     def finish(self, common: dict) -> None:
         """Close the data files and write the metadata that makes the folder a checkpoint."""
+        # The files the installed megatron-core's own save writes, plus common.pt, which every
+        # supported release reads (see sfmed.core.mcore_compat).
+        from sfmed.core import mcore_compat
+
+        if mcore_compat.common_state_in_dcp():
+            self.add_object(mcore_compat.COMMON_STATE_KEY, common, rank=0)
         if self._bg is not None:
             self._bg.close()
             self._bg = None
@@ -215,7 +214,8 @@ class TorchDistWriter:
             f.flush()
             os.fsync(f.fileno())
         torch.save(common, self.dir / COMMON)
-        (self.dir / MARKER).write_text(json.dumps(MARKER_CONTENT))  # megatron's marker, last
+        marker = mcore_compat.checkpoint_marker()  # megatron's own metadata.json, written last
+        (self.dir / MARKER).write_text(json.dumps(marker))
 
     def abort(self) -> None:
         """Stop writing and close open files (the caller removes the folder)."""

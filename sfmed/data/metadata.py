@@ -32,11 +32,21 @@ def sidecar_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(prefix)}.json")
 
 
-def _canonical_tokenizer_json(path: Path) -> bytes:
-    # Imported here: reading sidecars (training's pre-flight) must not need orjson.
-    import orjson
+def _sorted_json_bytes(data: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, compact); orjson when installed, else ``json``.
 
-    data = orjson.loads(path.read_bytes())
+    Both give the same bytes for tokenizer data (str/int/float/bool/None, no NaN), so the hash
+    does not depend on whether orjson is present (training's pre-flight runs without it).
+    """
+    try:
+        import orjson
+    except ImportError:
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+
+
+def _canonical_tokenizer_json(path: Path) -> bytes:
+    data = json.loads(path.read_bytes())
     canon: dict[str, Any] = {k: data.get(k) for k in _ID_DEFINING_KEYS}
     model = dict(canon.get("model") or {})
     merges = model.get("merges")
@@ -48,16 +58,14 @@ def _canonical_tokenizer_json(path: Path) -> bytes:
         ({k: t.get(k) for k in _ADDED_TOKEN_KEYS} for t in canon.get("added_tokens") or []),
         key=lambda t: (t["id"] is None, t["id"]),
     )
-    return orjson.dumps(canon, option=orjson.OPT_SORT_KEYS)
+    return _sorted_json_bytes(canon)
 
 
 def _file_digest_input(f: Path) -> bytes:
     if f.suffix != ".json":
         return f.read_bytes()
     if f.name == "vocab.json":
-        import orjson
-
-        return orjson.dumps(orjson.loads(f.read_bytes()), option=orjson.OPT_SORT_KEYS)
+        return _sorted_json_bytes(json.loads(f.read_bytes()))
     return _canonical_tokenizer_json(f)
 
 

@@ -30,9 +30,61 @@ def te_available() -> bool:
     return True
 
 
+def te_version() -> str | None:
+    """The installed Transformer Engine version (``None`` when it is not installed)."""
+    try:
+        import transformer_engine
+
+        version = getattr(transformer_engine, "__version__", None)
+    except Exception:
+        version = None
+    if version is None:
+        from importlib import metadata
+
+        for dist in ("transformer-engine", "transformer_engine", "transformer-engine-torch"):
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+    return version
+
+
+def flash_attn_status() -> tuple[bool, str]:
+    """(usable, reason): whether ``flash_attn.flash_attn_func`` imports, and why not.
+
+    Imported, not only found: a wheel built against another torch (undefined symbols), a
+    namespace-only folder or a CPU-only build is "found" by ``find_spec`` but fails at model
+    build with a misleading message.
+    """
+    if importlib.util.find_spec("flash_attn") is None:
+        return False, "the flash-attn package is not installed"
+    try:
+        from flash_attn import flash_attn_func  # noqa: F401
+    except Exception as e:  # ImportError, OSError (undefined symbol), RuntimeError, ...
+        return (
+            False,
+            f"flash-attn is installed but `from flash_attn import flash_attn_func` fails ({type(e).__name__}: {e})",
+        )
+    return True, "flash_attn_func imports"
+
+
 def flash_attn_available() -> bool:
-    """Whether the flash-attn package is installed."""
-    return importlib.util.find_spec("flash_attn") is not None
+    """Whether flash-attn's ``flash_attn_func`` can be imported (:func:`flash_attn_status`)."""
+    return flash_attn_status()[0]
+
+
+def grad_accum_fusion_available() -> bool:
+    """Whether apex's ``fused_weight_gradient_mlp_cuda`` extension imports.
+
+    megatron's own ``ColumnParallelLinear`` (GPTModel's output layer, also under the TE spec)
+    raises at construction when ``gradient_accumulation_fusion`` is on without it; Transformer
+    Engine does not ship it. Megatron-LM checks the same import before enabling the fusion.
+    """
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def core_attention_module(backend: str):
@@ -88,5 +140,4 @@ def decoder_layer_spec(config, impl: str = "local", attention: str = "sdpa", vp_
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 
 
-decoder_block_spec = decoder_layer_spec
 """The name training used before the one-spec-path change (kept while callers move over)."""

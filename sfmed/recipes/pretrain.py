@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from sfmed.config.pretrain import PretrainConfig
-from sfmed.core.errors import ConfigError
+from sfmed.core import megatron_layout as layout
+from sfmed.core.errors import ConfigError, ConfigErrors
 from sfmed.recipes.base import Recipe, StepReport
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,9 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def make_forward_step(device: torch.device):
     """``forward_step(data_iterator, model)`` for megatron's schedules on ``device``."""
-    from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_cp_rank
+    from megatron.core.utils import get_attr_wrapped_model
+
+    from sfmed.core.mcore_compat import get_batch_on_this_cp_rank
 
     def forward_step(data_iterator, model):
         pre = get_attr_wrapped_model(model, "pre_process")
@@ -95,7 +98,9 @@ class TokenIds:
 
     def __init__(self, vocab_size: int, eod: int | None):
         self.vocab_size = vocab_size
-        self.eod = -1 if eod is None else eod
+        # Unknown EOD (only the reset/mask options read it, and they require it): an id no data
+        # holds, and not megatron's placeholder pad id -1, which it would warn collides with EOD.
+        self.eod = -2 if eod is None else eod
         self.unique_identifiers = {"class": "sfmed.TokenIds", "vocab_size": vocab_size}
 
 
@@ -164,6 +169,70 @@ def resolve_data(cfg: PretrainConfig, eod_token: str | None = None) -> PretrainD
     return PretrainData(prefixes, weights, eod)
 
 
+def model_tokenizer(cfg: PretrainConfig, ckpt: Path | None) -> str | None:
+    """The model's tokenizer: ``data.tokenizer``, else the tokenizer files that travel with the
+    init/resume checkpoint (its ``hf/`` side folder); None when neither is known."""
+    from sfmed.data.metadata import tokenizer_files
+
+    cands = [cfg.data.tokenizer] if cfg.data.tokenizer else []
+    if ckpt is not None:
+        cands += [str(ckpt.parent / layout.HF_SIDECAR), str(ckpt / layout.HF_SIDECAR)]
+    for cand in cands:
+        try:
+            tokenizer_files(cand)
+        except FileNotFoundError:
+            if cand == cfg.data.tokenizer:
+                return cand  # the user named it: its own check reports the bad path
+            continue
+        return cand
+    return None
+
+
+def check_data(
+    cfg: PretrainConfig,
+    data: PretrainData,
+    vocab_size: int,
+    tokenizer: str | None,
+    eod_token: str | None = None,
+) -> None:
+    """Refuse data the run cannot train on, naming every problem at once (no big reads except
+    one pass over a ``.bin`` that has no sidecar).
+
+    Each prefix must be non-empty, its recorded tokenizer (vocabulary size, hash, EOD id) must be
+    the model's (``tokenizer``; ``data.eod_id`` overrides its EOD id) — or, without a sidecar, its
+    largest id must fit ``vocab_size`` — and every split the run reads must get documents
+    (megatron's ``GPTDataset`` searches forever for a sample in an empty one).
+    """
+    from sfmed.data.checks import check_prefix, check_splits
+    from sfmed.data.indexed import read_index_header
+    from sfmed.data.metadata import tokenizer_hash
+
+    d, t = cfg.data, cfg.train
+    tok_hash, eod = None, d.eod_id
+    if tokenizer is not None:
+        try:
+            tok_hash = tokenizer_hash(tokenizer)
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.tokenizer={tokenizer}: {e}") from None
+        if eod is None:
+            try:
+                eod = _eod_from_tokenizer(tokenizer, eod_token)
+            except (OSError, ValueError) as e:  # transformers cannot load it: no EOD to compare
+                log.warning(
+                    "tokenizer %s does not load (%s); its EOD id is not checked", tokenizer, e
+                )
+    needed = ("train", "valid") if t.eval_interval else ("train",)
+    problems: list[str] = []
+    for prefix in data.prefixes:
+        found = check_prefix(prefix, vocab_size=vocab_size, tokenizer_hash=tok_hash, eod_id=eod)
+        if not found:
+            docs = read_index_header(prefix)["documents"]
+            found = check_splits(docs, d.split, prefix=prefix, needed=needed)
+        problems += found
+    if problems:
+        raise ConfigErrors(problems)
+
+
 def build_gpt_datasets(cfg: PretrainConfig, plan, data: PretrainData):
     """(train, valid) megatron-core GPT datasets sized for the whole run (call on every rank)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
@@ -190,7 +259,12 @@ def build_gpt_datasets(cfg: PretrainConfig, plan, data: PretrainData):
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    sizes = [train_samples, valid_samples if valid_samples else 0, 0]
+    # Splits the run does not read are not built at all — the test split never, the valid split
+    # without evaluation — since an empty one would make megatron's GPTDataset search forever.
+    # The train split keeps its documents (the ranges do not depend on the others being built).
+    m = gcfg.split_matrix
+    gcfg.split_matrix = [m[0], m[1] if n_evals else None, None]
+    sizes = [train_samples, valid_samples if valid_samples else None, None]
     train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, lambda: True, gcfg
     ).build()
@@ -226,7 +300,11 @@ class PretrainRecipe(Recipe):
             )
         from sfmed.models import family_for
 
-        return resolve_data(self.cfg, family_for(plan.arch).eod_token)
+        data = resolve_data(self.cfg, family_for(plan.arch).eod_token)
+        ckpt = plan.resume_from or plan.init_from
+        tok = model_tokenizer(self.cfg, ckpt)
+        check_data(self.cfg, data, plan.arch.vocab_size, tok, family_for(plan.arch).eod_token)
+        return data
 
     def describe(self, plan) -> str:
         """Datasets and EOD id."""

@@ -15,11 +15,31 @@ import logging
 import torch
 
 from sfmed.config.run import RunConfig
+from sfmed.core.mcore_compat import fix_torch_adam_loading
 from sfmed.models import build_model, decoder_layer_spec, transformer_config
-from sfmed.train.mcore_compat import fix_torch_adam_loading
 from sfmed.train.plan import TrainPlan
 
 log = logging.getLogger(__name__)
+
+
+def use_grad_accum_fusion(plan: TrainPlan) -> bool:
+    """Whether to fuse weight-gradient accumulation into the GEMMs (logged either way).
+
+    Only on CUDA and only when apex's ``fused_weight_gradient_mlp_cuda`` imports: megatron's
+    ``ColumnParallelLinear`` output layer raises at model build without it, TE or not.
+    """
+    if plan.device != "cuda":
+        return False
+    from sfmed.models.specs import grad_accum_fusion_available
+
+    if grad_accum_fusion_available():
+        log.info("gradient_accumulation_fusion: on (fused_weight_gradient_mlp_cuda imports)")
+        return True
+    log.info(
+        "gradient_accumulation_fusion: off (apex's fused_weight_gradient_mlp_cuda extension "
+        "is not importable; install apex with --cuda_ext to enable it)"
+    )
+    return False
 
 
 def make_transformer_config(cfg: RunConfig, plan: TrainPlan):
@@ -49,7 +69,7 @@ def make_transformer_config(cfg: RunConfig, plan: TrainPlan):
         bias_activation_fusion=cuda,
         bias_dropout_fusion=cuda,
         apply_rope_fusion=cuda and te,
-        gradient_accumulation_fusion=cuda and te,
+        gradient_accumulation_fusion=use_grad_accum_fusion(plan),
         cross_entropy_loss_fusion=cuda,
         cross_entropy_fusion_impl="native",
     )
@@ -160,7 +180,7 @@ def build_optimizer(cfg: RunConfig, plan: TrainPlan, model: list):
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps,
+        lr_warmup_steps=plan.warmup_steps,
         lr_decay_steps=plan.decay_steps,
         lr_decay_style=o.decay_style,
         start_wd=o.weight_decay,

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sfmed.core import mcore_compat
 from sfmed.core import megatron_layout as layout
 from sfmed.core.ckpt_load import load_mcore_weights, model_key
-from sfmed.train.mcore_compat import prime_optimizer_state, unshare_adam_steps
+from sfmed.core.mcore_compat import prime_optimizer_state, unshare_adam_steps
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,20 @@ def _model_state(model: list, metadata: dict) -> dict:
     }
 
 
+def force_param_sync(model: list) -> None:
+    """Complete the distributed optimizer's parameter all-gather now, on every DDP chunk.
+
+    With ``overlap_param_gather`` megatron leaves the all-gather of the updated parameter shards
+    to the next forward pass (its pre-hooks), so right after ``optimizer.step()`` each rank's
+    model holds the new values only for its own shard. Megatron-LM and Megatron-Bridge force
+    the sync before saving for this reason; the next step all-gathers again as usual.
+    """
+    for chunk in model:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def load_weights(model: list, ckpt_dir: str | Path) -> None:
     """Load only the model weights of a torch_dist checkpoint into ``model`` (any TP/PP/VPP).
 
@@ -157,6 +172,7 @@ class Checkpointer:
         from megatron.core import dist_checkpointing
 
         self.maybe_finalize(blocking=True)  # one save in flight at a time
+        force_param_sync(self.model)  # saved weights = those after the last update
         final = self.run_dir / layout.iter_dir_name(iteration)
         tmp = self.run_dir / f".{final.name}.tmp"
         if self.rank == 0:
@@ -179,6 +195,7 @@ class Checkpointer:
             self._save_strategy(),
             async_sharded_save=self._queue is not None,
             content_metadata=metadata,
+            **mcore_compat.dist_save_kwargs(self._queue is not None),
         )
         finalize = partial(self._finalize, tmp, final, iteration)
         if self._queue is not None:
@@ -191,6 +208,7 @@ class Checkpointer:
     def _finalize(self, tmp: Path, final: Path, iteration: int) -> None:
         # Runs on every rank once all shards (and megatron's metadata.json) are on disk.
         if self.rank == 0:
+            mcore_compat.add_legacy_common_state(tmp)  # megatron-core 0.16 needs common.pt
             layout.write_meta(tmp, {**self.meta, "iteration": iteration})
             if final.exists():  # an older save of the same step, e.g. after a resume
                 old = final.with_name(f".{final.name}.old")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,7 +66,15 @@ def make_loader(
         num_workers=workers,
         pin_memory=plan.device == "cuda",
         persistent_workers=workers > 0,
+        # Workers ignore the signals the trainer handles (see ignore_exit_signals).
+        worker_init_fn=partial(_worker_init, list(cfg.train.exit_signals)) if workers else None,
     )
+
+
+def _worker_init(exit_signals: list[str], worker_id: int) -> None:
+    from sfmed.train.loop import ignore_exit_signals
+
+    ignore_exit_signals(exit_signals)
 
 
 def needs_data(chunk) -> bool:

@@ -40,24 +40,47 @@ class LoopState:
 
 
 class ExitSignals:
-    """Records configured signals so the loop can save and exit at the next step boundary."""
+    """Records configured signals so the loop can save and exit at the next step boundary.
 
-    def __init__(self, names: list[str]):
+    The first signal is recorded (and announced once, by the rank with ``announce``); a second
+    SIGINT — Ctrl-C pressed again — stops at once (``KeyboardInterrupt``, no checkpoint).
+    """
+
+    def __init__(self, names: list[str], announce: bool = True):
         self.received: str | None = None
+        self.announce = announce
         self._old = {}
-        for name in names:
+        for name in dict.fromkeys(names):
             sig = getattr(signal, name)
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        log.warning("received %s: saving a checkpoint and exiting after this step", self.received)
+        name = signal.Signals(signum).name
+        if self.received and signum == signal.SIGINT:
+            self.restore()
+            raise KeyboardInterrupt
+        if self.received:
+            return
+        self.received = name
+        if self.announce:
+            hint = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            log.warning(
+                "received %s: saving a checkpoint and exiting after this step%s", name, hint
+            )
 
     def restore(self) -> None:
         """Put back the previous handlers."""
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+
+
+def ignore_exit_signals(names: list[str]) -> None:
+    """Make this process ignore ``names`` and SIGINT: for data-loader workers, which torchrun's
+    signal (sent to each rank's whole process group) would otherwise kill mid-step, losing the
+    run; the rank saves and then ends its workers itself."""
+    for name in [*names, "SIGINT"]:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _device_tensor(values, device) -> torch.Tensor:
@@ -200,7 +223,8 @@ def run_loop(ctx, train_iters, valid_dataset, signals: ExitSignals | None) -> st
     while st.iteration < t_cfg.steps:
         reason = should_exit(signals, deadline, ctx.device)
         if reason:
-            log.warning("exit requested (%s) at step %d", reason, st.iteration)
+            if ctx.rank == 0:
+                log.warning("exit requested (%s) at step %d", reason, st.iteration)
             ctx.save()
             return "interrupted"
         res = train_step(ctx, train_iters)
@@ -209,6 +233,8 @@ def run_loop(ctx, train_iters, valid_dataset, signals: ExitSignals | None) -> st
         st.skipped_steps = ctx.guard.skipped_total
         window_steps += 1
         window_tokens += res.throughput_tokens
+        if getattr(ctx, "progress", None) is not None:
+            ctx.progress.update(st.iteration, res.throughput_tokens, res.loss)
         if st.iteration % cfg.logging.interval == 0 or st.iteration == t_cfg.steps:
             if ctx.plan.device == "cuda":
                 torch.cuda.synchronize()

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import secrets
+import sys
 from pathlib import Path
 
 import torch
@@ -167,6 +168,102 @@ def _init_wandb(run_dir: Path, cfg, run_name: str, config: dict):
     )
 
 
+def format_duration(seconds: float | None) -> str:
+    """``h:mm:ss`` (``-`` when unknown)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_count(n: float) -> str:
+    """``12.3k``, ``4.56M``, ``7.89B``."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+class Progress:
+    """Where the run is and when it will end: step/total, tokens this session, ETA, last loss.
+
+    On a terminal (rank 0) a live ``rich`` progress bar; elsewhere (Slurm logs, pipes) nothing
+    live — the periodic step lines carry the same numbers (:func:`console_line`). The ETA is the
+    mean step time of this session (evaluation and checkpointing included) × the steps left.
+    """
+
+    def __init__(self, total: int, start_step: int, *, enabled: bool, console=None):
+        import time
+
+        self._clock = time.perf_counter
+        self.total, self.start_step = total, start_step
+        self.t0 = self._clock()
+        self.tokens = 0.0
+        self.live = None
+        if not enabled:
+            return
+        from rich.console import Console
+
+        console = console or Console(stderr=True)
+        if not console.is_terminal:
+            return
+        from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.live = RichProgress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[tokens]} tokens"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._task = self.live.add_task(
+            "train", total=total, completed=start_step, tokens="0", loss="-"
+        )
+        self.live.start()
+        # Log records go above the bar: point rank 0's stream handlers at rich's proxy.
+        self._streams = []
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream in (
+                sys.__stderr__,
+                sys.__stdout__,
+            ):
+                self._streams.append((h, h.stream))
+                h.setStream(sys.stderr)
+
+    def eta_s(self, step: int) -> float | None:
+        """Seconds left at ``step``, from this session's mean step time."""
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return (self._clock() - self.t0) / done * (self.total - step)
+
+    def snapshot(self, step: int) -> dict:
+        """``{"eta_s", "tokens_seen"}`` at ``step``, for the step's record."""
+        return {"eta_s": self.eta_s(step), "tokens_seen": self.tokens}
+
+    def update(self, step: int, tokens: float, loss: float | None) -> None:
+        """Record a finished step (every step; cheap)."""
+        self.tokens += tokens
+        if self.live is not None:
+            self.live.update(
+                self._task,
+                completed=step,
+                tokens=format_count(self.tokens),
+                loss="-" if loss is None else f"{loss:.4f}",
+            )
+
+    def close(self) -> None:
+        """Stop the live display (idempotent)."""
+        if self.live is not None:
+            self.live.stop()
+            for h, stream in self._streams:
+                h.setStream(stream)
+            self.live = None
+
+
 def console_line(r: dict) -> str:
     """The rank-0 console summary of one step."""
     parts = [
@@ -179,6 +276,10 @@ def console_line(r: dict) -> str:
     ]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}% (causal {100 * r['mfu_causal']:.1f}%)")
+    if "eta_s" in r:
+        parts.append(f"ETA {format_duration(r['eta_s'])}")
+    if r.get("tokens_seen") is not None:
+        parts.append(f"{format_count(r['tokens_seen'])} tokens")
     mem = r.get("mem_alloc_gb", r.get("mem_rss_gb"))
     if mem is not None:
         parts.append(f"mem {mem:.1f}GB")

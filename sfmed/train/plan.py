@@ -26,7 +26,6 @@ from sfmed.models import (
     ModelArch,
     arch_from_dict,
     checkpoint_vocab_size,
-    flash_attn_available,
     te_available,
 )
 
@@ -63,6 +62,7 @@ class TrainPlan:
     ckpt_meta: dict = field(default_factory=dict)
     reshard: bool = False
     decay_steps: int = 0
+    warmup_steps: int = 0
     vpp: int | None = None
     kind: str = ""
     """The recipe's checkpoint kind."""
@@ -106,6 +106,64 @@ def _resolve_device(device: str) -> str:
         raise ConfigError(str(e)) from None
 
 
+# The oldest Transformer Engine each FP8 recipe works with: megatron-core's
+# fp8_utils.get_fp8_recipe raises at the first forward below these.
+FP8_RECIPE_MIN_TE = {
+    "delayed": "1.0",
+    "mxfp8": "2.1.0",
+    "tensorwise": "2.2.0.dev0",
+    "blockwise": "2.3.0.dev0",
+}
+
+
+def megatron_te_range() -> str | None:
+    """The Transformer Engine versions the installed megatron-core declares (its metadata)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        reqs = metadata.requires("megatron-core") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for r in map(Requirement, reqs):
+        if r.name.replace("_", "-") == "transformer-engine" and str(r.specifier):
+            return str(r.specifier)
+    return None
+
+
+def check_te_version(cfg: RunConfig, version: str | None = None, warn_range: bool = True) -> None:
+    """Refuse a Transformer Engine too old for ``train.fp8_recipe``; warn (``warn_range``)
+    outside the range megatron-core declares. ``version`` defaults to the installed one."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if version is None:
+        from sfmed.models.specs import te_version
+
+        version = te_version()
+    if version is None:
+        return
+    v = Version(version)
+    if cfg.train.precision == "fp8":
+        need = FP8_RECIPE_MIN_TE.get(cfg.train.fp8_recipe)
+        if need is not None and v < Version(need):
+            raise ConfigError(
+                f"train.fp8_recipe={cfg.train.fp8_recipe} needs Transformer Engine >= {need}; "
+                f"{version} is installed. pip install 'transformer-engine[pytorch]"
+                f"{megatron_te_range() or '>=' + need}', or use train.fp8_recipe=delayed"
+            )
+    supported = megatron_te_range() if warn_range else None
+    if supported and not SpecifierSet(supported, prereleases=True).contains(v, prereleases=True):
+        log.warning(
+            "Transformer Engine %s is outside the range megatron-core supports (%s); "
+            "pip install 'transformer-engine[pytorch]%s'",
+            version,
+            supported,
+            supported,
+        )
+
+
 def _resolve_impl(cfg: RunConfig, device: str, precision: str) -> tuple[str, str]:
     impl = cfg.model.transformer_impl
     if impl == "auto":
@@ -121,16 +179,27 @@ def _resolve_impl(cfg: RunConfig, device: str, precision: str) -> tuple[str, str
                 "model.transformer_impl=transformer_engine but Transformer Engine is not "
                 "installed; pip install 'transformer-engine[pytorch]' or use transformer_impl=local"
             )
+        check_te_version(cfg)
         return impl, "te"
     attention = cfg.model.attention_backend
     if attention == "auto":
-        fa = device == "cuda" and precision in ("bf16", "fp16") and flash_attn_available()
-        attention = "flash" if fa else "sdpa"
+        attention = "sdpa"
+        if device == "cuda" and precision in ("bf16", "fp16"):
+            from sfmed.models.specs import flash_attn_status
+
+            ok, why = flash_attn_status()
+            if ok:
+                attention = "flash"
+            else:
+                log.info("attention_backend=auto: using PyTorch SDPA, not flash-attn: %s", why)
     if attention == "flash":
-        if not flash_attn_available():
+        from sfmed.models.specs import flash_attn_status
+
+        ok, why = flash_attn_status()
+        if not ok:
             raise ConfigError(
-                "model.attention_backend=flash but the flash-attn package is not installed; "
-                "pip install flash-attn, or use attention_backend=sdpa"
+                f"model.attention_backend=flash but {why}; pip install flash-attn built for "
+                "this torch, or use model.attention_backend=sdpa"
             )
         if device != "cuda" or precision not in ("bf16", "fp16"):
             raise ConfigError(
@@ -166,6 +235,7 @@ def _resolve_precision(cfg: RunConfig, device: str) -> str:
                 f"train.fp8_recipe={cfg.train.fp8_recipe} needs Hopper or newer; use "
                 "fp8_recipe=delayed on Ada"
             )
+        check_te_version(cfg, warn_range=False)  # the TE layer spec warns about the range
         if cfg.train.fp8_recipe == "mxfp8" and cc < 100:
             raise ConfigError(
                 "train.fp8_recipe=mxfp8 needs Blackwell (compute capability 10+); use "
@@ -174,7 +244,9 @@ def _resolve_precision(cfg: RunConfig, device: str) -> str:
     return p
 
 
-def _check_arch_matches(arch: ModelArch, meta: dict, where: Path, what: str) -> None:
+def _check_arch_matches(
+    arch: ModelArch, meta: dict, where: Path, what: str, name: str = "<preset>"
+) -> None:
     if not meta.get("arch"):
         return
     # Metadata written before model families existed reads as its family's defaults.
@@ -186,11 +258,12 @@ def _check_arch_matches(arch: ModelArch, meta: dict, where: Path, what: str) -> 
     ]
     if diff:
         raise ConfigError(
-            f"{what}={where} holds a model of a different shape than model="
-            f"{arch.num_layers}L/{arch.hidden_size}h:\n  "
+            f"{what}={where} holds a model of a different shape than model={name} "
+            f"({arch.num_layers}L/{arch.hidden_size}h):\n  "
             + "\n  ".join(diff)
-            + "\nchoose the model group that matches the checkpoint (e.g. model=qwen2_7b), or "
-            "model.hf_config=<the HF folder it was converted from>"
+            + "\nleave model= out (model=auto takes the checkpoint's architecture), choose the "
+            "model group that matches the checkpoint, or give model.hf_config=<the HF folder it "
+            "was converted from>"
         )
 
 
@@ -224,12 +297,37 @@ def _find_checkpoints(cfg: RunConfig, run_dir: Path) -> tuple[Path | None, Path 
     return resume_from, init_from
 
 
+def _model_arch(cfg: RunConfig, src: Path | None, meta: dict) -> ModelArch:
+    """The configured architecture, or with ``model=auto`` the one ``src`` records."""
+    m = cfg.model
+    if not m.from_checkpoint or m.hf_config or src is None:
+        return m.arch()
+    if meta.get("arch"):
+        return arch_from_dict(meta["arch"])
+    for cand in (src / layout.HF_SIDECAR, src.parent / layout.HF_SIDECAR):
+        if (cand / "config.json").is_file():
+            from sfmed.models import arch_from_hf_config
+
+            return arch_from_hf_config(cand)
+    raise ConfigError(
+        f"model=auto takes the architecture from {src}, but it records none (no sfmed.json "
+        f"arch, no {layout.HF_SIDECAR}/config.json); choose the model group that matches it "
+        "(e.g. model=qwen2_7b) or give model.hf_config=<the HF folder it was converted from>"
+    )
+
+
 def make_plan(cfg: RunConfig, recipe: Recipe, world_size: int | None = None) -> TrainPlan:
     """Validate ``cfg`` for ``world_size`` processes (default: $WORLD_SIZE) and resolve it,
     with ``recipe`` checking and resolving its own settings."""
     p, t = cfg.parallel, cfg.train
     world = _world_size(world_size)
-    arch = cfg.model.arch()
+    run_dir = Path(cfg.ckpt_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"ckpt_dir={run_dir} exists and is not a folder")
+    resume_from, init_from = _find_checkpoints(cfg, run_dir)
+    src = resume_from or init_from
+    meta = layout.read_meta(src) if src else {}
+    arch = _model_arch(cfg, src, meta)
     validate_parallel(arch, p.tp, p.pp)  # before the world size: the more useful message
     dp = validate_parallel_sizes(world, p.tp, p.pp, p.cp)
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -271,20 +369,18 @@ def make_plan(cfg: RunConfig, recipe: Recipe, world_size: int | None = None) -> 
             arch.max_position_embeddings,
         )
     decay_steps = cfg.optim.decay_steps or t.steps
-    if cfg.optim.warmup_steps >= decay_steps:
+    warmup_steps = cfg.optim.resolve_warmup(decay_steps)
+    if warmup_steps >= decay_steps:
         raise ConfigError(
-            f"optim.warmup_steps={cfg.optim.warmup_steps} must be smaller than the decay "
-            f"horizon optim.decay_steps={decay_steps} (default: train.steps)"
+            f"optim.warmup_steps={warmup_steps} must be smaller than the decay horizon "
+            f"optim.decay_steps={decay_steps} (default: train.steps); lower it, or unset it "
+            "(optim.warmup_steps=null) to warm up over optim.warmup_fraction of the run"
         )
 
-    run_dir = Path(cfg.ckpt_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"ckpt_dir={run_dir} exists and is not a folder")
-    resume_from, init_from = _find_checkpoints(cfg, run_dir)
-    src = resume_from or init_from
-    meta = layout.read_meta(src) if src else {}
     if src is not None:
-        _check_arch_matches(arch, meta, src, "resume" if resume_from else "init_from")
+        _check_arch_matches(
+            arch, meta, src, "resume" if resume_from else "init_from", cfg.model.name
+        )
     if resume_from is not None:
         recipe.check_resume(meta, resume_from)
     # A loaded checkpoint's padding wins (the embedding keeps its shape); a fresh run pads as
@@ -327,6 +423,7 @@ def make_plan(cfg: RunConfig, recipe: Recipe, world_size: int | None = None) -> 
         ckpt_meta=meta,
         reshard=reshard,
         decay_steps=decay_steps,
+        warmup_steps=warmup_steps,
         vpp=vpp,
         kind=recipe.kind,
     )

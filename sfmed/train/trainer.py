@@ -24,6 +24,7 @@ import sfmed
 from sfmed.config.run import RunConfig
 from sfmed.core import megatron_layout as layout
 from sfmed.core.atomic import atomic_write_text
+from sfmed.core.cli import under_torchrun
 from sfmed.core.distributed import destroy_distributed, init_distributed
 from sfmed.core.dtypes import SHORT_NAMES
 from sfmed.core.logging import setup_logging
@@ -31,6 +32,7 @@ from sfmed.models import arch_to_dict
 from sfmed.recipes.base import Recipe
 from sfmed.train import builder, checkpoint, loop, metrics
 from sfmed.train.guard import LossGuard
+from sfmed.train.lifecycle import RunLock, RunLockedError, start_parent_watchdog
 from sfmed.train.plan import TrainPlan, make_plan
 
 log = logging.getLogger("sfmed.train")
@@ -80,6 +82,9 @@ class Trainer:
         meta = {
             "arch": arch_to_dict(dataclasses.replace(plan.arch, torch_dtype=stored)),
             "padded_vocab_size": plan.padded_vocab_size,
+            # The dtype the model came in with (the init/resume checkpoint's), which export
+            # writes by default; a random init has none and exports as stored.
+            "source_dtype": plan.ckpt_meta.get("source_dtype") or plan.ckpt_meta.get("dtype"),
             "make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by,
             "tp": cfg.parallel.tp,
             "pp": cfg.parallel.pp,
@@ -114,6 +119,7 @@ class Trainer:
         )
         self.peak = metrics.peak_tflops(plan.precision, cfg.logging.peak_tflops)
         self.sink: metrics.MetricsSink | None = None
+        self.progress: metrics.Progress | None = None
 
     def build_frozen_model(self, ckpt_dir) -> list[torch.nn.Module]:
         """Another copy of the model in this run's layout, with ``ckpt_dir``'s weights, frozen
@@ -202,7 +208,8 @@ class Trainer:
             "skip_reason": res.reason or None,
             **res.metrics,
             **metrics.memory_gb(self.plan.device == "cuda"),
-        }
+            **(self.progress.snapshot(self.state.iteration) if self.progress is not None else {}),
+        }  # fmt: skip
         if self.sink is not None:
             self.sink.log(record, metrics.console_line(record))
 
@@ -239,10 +246,28 @@ def _copy_hf_sidecar(src_ckpt: Path | None, run_dir: Path) -> None:
             return
 
 
+def _lock_run_dir(run_dir: Path, rank: int) -> RunLock | None:
+    """Rank 0 locks the run folder; every rank raises the same error when another run holds it."""
+    lock, problem = None, None
+    if rank == 0:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            lock, problem = None, str(e)
+    got = [problem]
+    dist.broadcast_object_list(got, src=0)
+    if got[0]:
+        raise RunLockedError(got[0])
+    return lock
+
+
 def run(cfg: RunConfig, recipe: Recipe) -> str:
     """Train ``recipe`` as ``cfg`` says; returns 'complete' or 'interrupted'. Call under
     torchrun (every rank)."""
     plan = make_plan(cfg, recipe)  # every config error is raised here, before any process group
+    if under_torchrun():
+        start_parent_watchdog()  # a rank whose launcher died stops instead of training on
     info = init_distributed(
         tp=cfg.parallel.tp,
         pp=cfg.parallel.pp,
@@ -253,10 +278,10 @@ def run(cfg: RunConfig, recipe: Recipe) -> str:
     )
     setup_logging(cfg.logging.level, info.rank)
     log.info("plan: %s; %s", plan.describe(), recipe.describe(plan))
+    lock = _lock_run_dir(plan.run_dir, info.rank)  # before anything in the folder is touched
     trainer, signals = None, None
     try:
         if info.rank == 0:
-            plan.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.clean_incomplete(plan.run_dir)
             _copy_hf_sidecar(plan.resume_from or plan.init_from, plan.run_dir)
         dist.barrier()
@@ -276,45 +301,45 @@ def run(cfg: RunConfig, recipe: Recipe) -> str:
             status = "complete"
         else:
             train_ds, valid_ds = recipe.build_datasets(plan)
+            # Ctrl-C (SIGINT) saves and stops like the exit signals; a second one stops at once.
+            signals = loop.ExitSignals([*cfg.train.exit_signals, "SIGINT"], announce=info.rank == 0)
             train_iters = recipe.iterators(
                 train_ds, st.consumed_samples, plan, trainer.model,
                 total=cfg.train.steps * cfg.train.global_batch_size,
             )  # fmt: skip
-            signals = loop.ExitSignals(cfg.train.exit_signals)
             log.info("training steps %d..%d", st.iteration + 1, cfg.train.steps)
+            trainer.progress = metrics.Progress(
+                cfg.train.steps, st.iteration, enabled=info.rank == 0
+            )
             status = loop.run_loop(trainer, train_iters, valid_ds, signals)
         trainer.checkpointer.close()
     except BaseException as e:
         # No collectives here: other ranks may be gone. torchrun tears the job down.
-        if info.rank == 0 and plan.run_dir.is_dir():
+        if info.rank == 0 and lock is not None:
             it = trainer.state.iteration if trainer is not None else 0
-            _write_status(plan.run_dir, "failed", it, cfg.train.steps, f"{type(e).__name__}: {e}")
+            stopped = isinstance(e, KeyboardInterrupt)
+            reason = (
+                "interrupted (Ctrl-C) before a checkpoint of this step"
+                if stopped
+                else f"{type(e).__name__}: {e}"
+            )
+            _write_status(
+                plan.run_dir, "interrupted" if stopped else "failed", it, cfg.train.steps, reason
+            )
+        if lock is not None:
+            lock.release()
         raise
     finally:
         if signals is not None:
             signals.restore()
+        if trainer is not None and trainer.progress is not None:
+            trainer.progress.close()
         if trainer is not None and trainer.sink is not None:
             trainer.sink.close()
     if info.rank == 0:
         _write_status(plan.run_dir, status, trainer.state.iteration, cfg.train.steps)
         log.info("run %s at step %d (%s)", status, trainer.state.iteration, plan.run_dir)
+    if lock is not None:
+        lock.release()
     destroy_distributed()
-    return status
-
-
-def launch(prog: str, cfg, recipe_cls: type[Recipe]) -> str:
-    """What a training entry point's ``@hydra.main`` function does with the composed config:
-    validate it into the typed schema, train ``recipe_cls``, and exit through
-    :func:`sfmed.core.cli.run_cli` (a user error: one message on rank 0, exit 2)."""
-    from omegaconf import OmegaConf
-
-    from sfmed.core.cli import is_rank0, run_cli
-
-    def _train() -> str:
-        conf = OmegaConf.to_object(cfg)  # the typed schema; __post_init__ validates
-        return run(conf, recipe_cls(conf))
-
-    status = run_cli(prog, _train)
-    if is_rank0():
-        print(f"{prog}: {status}", flush=True)
     return status

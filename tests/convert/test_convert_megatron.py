@@ -5,6 +5,7 @@ original HF tensors bit for bit. One torchrun launch serves every test here."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -22,7 +23,8 @@ from sfmed.core.torch_dist import TorchDistReader
 
 HERE = Path(__file__).parent
 OLD_FIXTURE = HERE.parent / "fixtures" / "convert_v0"
-pytestmark = pytest.mark.dist
+# megatron-core itself loads, runs and saves here: run on every supported release
+pytestmark = [pytest.mark.dist, pytest.mark.mcore_compat]
 
 
 def _run_torchrun(script: Path, *args, nproc: int, timeout: int = 600) -> str:
@@ -117,6 +119,19 @@ def _assert_same_tensors(a: Path, b: Path) -> None:
         assert torch.equal(ta[k], tb[k]), k
 
 
+def _dcp_object(ckpt, key):
+    """A pickled object of a DCP checkpoint, read with torch's own loader."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    sd = {key: io.BytesIO()}
+    load(sd, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
+    obj = sd[key]
+    if isinstance(obj, io.BytesIO):  # torch < 2.14 hands back the bytes, newer the object
+        obj.seek(0)
+        obj = torch.load(obj, weights_only=True)
+    return obj
+
+
 @pytest.mark.parametrize("name", ["gqa_tp2pp2", "gqa_tp1", "mha_tied_tp4"])
 def test_megatron_logits_match_transformers(megatron_run, name):
     """fp32 logits of GPTModel at TP=2xPP=2 vs transformers: max |d| <= 1e-4, argmax equal."""
@@ -145,12 +160,21 @@ def test_writer_layout_equals_megatron_save(megatron_run):
     megatron-core's dist_checkpointing.save writes for the same model at TP=2 x PP=2."""
     mine = TorchDistReader(megatron_run["tmp"] / "gqa_tp2pp2" / "release")
     theirs = TorchDistReader(megatron_run["tmp"] / "gqa_tp2pp2.megatron")
-    for name in ("metadata.json", "common.pt"):  # megatron's marker and common state
-        a, b = mine.dir / name, theirs.dir / name
-        if name == "metadata.json":
-            assert json.loads(a.read_text()) == json.loads(b.read_text())
-        else:
-            assert torch.load(a) == torch.load(b) == {"checkpoint_version": 3.0, "iteration": 0}
+    # megatron's marker, as the installed release writes it (0.19 dropped common_backend*)
+    marker = json.loads((theirs.dir / "metadata.json").read_text())
+    assert json.loads((mine.dir / "metadata.json").read_text()) == marker
+    assert marker["sharded_backend"] == "torch_dist"
+    common = {"checkpoint_version": 3.0, "iteration": 0}
+    # common.pt: megatron < 0.19 writes it; sfmed always does, since 0.16 reads nothing else
+    assert torch.load(mine.dir / "common.pt") == common
+    if (theirs.dir / "common.pt").exists():
+        assert "common_backend" in marker
+        assert torch.load(theirs.dir / "common.pt") == common
+    else:  # megatron >= 0.19: the common state is an object in the DCP files
+        assert "common_backend" not in marker
+        for ckpt in (mine, theirs):
+            assert _dcp_object(ckpt.dir, "common_state/shard_0_1") == [common]
+    # the same DCP entries (tensors and objects, common_state included where megatron has it)
     md_a, md_b = mine.metadata.state_dict_metadata, theirs.metadata.state_dict_metadata
     assert sorted(md_a) == sorted(md_b)
     for key in mine.tensor_keys():

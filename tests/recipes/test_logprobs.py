@@ -6,7 +6,6 @@ sum, written here independently of the module under test.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,9 @@ def tp1():
 
     if dist.is_initialized() or parallel_state.model_parallel_is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from sfmed.core.ports import free_port
+
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     yield
@@ -147,6 +146,7 @@ def test_reduce_ignores_non_finite_values_at_masked_positions():
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_tp2_matches_full_vocabulary(torchrun):
     """TP=2 under the CPU emulation: vocab shards vs the full vocabulary, values and gradients,
     on random logits and on a real GPTModel (whose logits come back as [b, s, v/tp])."""

@@ -6,12 +6,11 @@ import json
 import torch
 
 from sfmed.core.distributed import destroy_distributed, init_distributed
-from sfmed.models.qwen2 import Qwen2Arch, build_model, transformer_config
-from sfmed.models.specs import decoder_block_spec
+from sfmed.models import ModelArch, build_model, decoder_layer_spec, transformer_config
 from sfmed.recipes.logprobs import reduce_token_logprobs, sequence_logprobs
 
 V = 256
-ARCH = Qwen2Arch(
+ARCH = ModelArch(
     num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8, num_query_groups=2,
     vocab_size=V, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1e4,
     tie_word_embeddings=False, kv_channels=8,
@@ -98,7 +97,7 @@ def model_case(tp, sequence_parallel):
     )
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    spec = decoder_block_spec(cfg, "local", "sdpa")  # sfmed's local spec supports SP
+    spec = decoder_layer_spec(cfg, "local", "sdpa")  # sfmed's local spec supports SP
     model = build_model(ARCH, cfg, spec=spec, make_vocab_size_divisible_by=1)
     g = torch.Generator().manual_seed(1)
     b, s = 2, 16

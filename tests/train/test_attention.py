@@ -10,6 +10,7 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.dist
+@pytest.mark.mcore_compat
 def test_sdpa_attention_matches_megatron_unfused_attention(torchrun):
     res = parse_result(torchrun(HERE / "worker_attention.py", nproc=2, timeout=600).stdout)
     core = res["core"]

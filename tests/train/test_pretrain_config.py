@@ -204,8 +204,9 @@ def test_init_checkpoint_of_a_different_shape_fails(corpus, tmp_path):
         match=r"different shape(.|\n)*num_layers: checkpoint 2 vs model 4(.|\n)*hidden_size: checkpoint 128 vs model 64",
     ):
         _plan(
-            [f"data.prefix={corpus}", f"init_from={tmp_path / 'init'}", f"ckpt_dir={tmp_path}/r"], 1
-        )
+            [f"data.prefix={corpus}", f"init_from={tmp_path / 'init'}", f"ckpt_dir={tmp_path}/r",
+             "model=tiny"], 1
+        )  # fmt: skip
     with pytest.raises(
         ConfigError, match=r"init_from=.*does not exist(.|\n)*launch/convert.py to=mcore"
     ):

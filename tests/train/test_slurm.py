@@ -1,8 +1,10 @@
 """launch/slurm/pretrain.sbatch (which runs the generic train.sbatch) on a real single-node Slurm
 (slurmctld + slurmd + munge), and train.sbatch with stand-ins for ``srun``/``scontrol``.
 
-Debian's slurm-wlm and munge (installed with apt-get when missing, which needs root), a
-throwaway slurm.conf with this host as controller and only node. The job trains a tiny CPU-emulated model; the test sends the job's steps SIGUSR1 (what
+The real-Slurm test runs only in CI (``CI=true``) or when asked (``SFMED_TEST_SLURM=1``): it
+installs Debian's slurm-wlm and munge (apt-get, when missing, which needs root), writes a munge
+key, and starts the daemons with a throwaway slurm.conf (this host as controller and only
+node); elsewhere it skips saying so. The job trains a tiny CPU-emulated model; the test sends the job's steps SIGUSR1 (what
 ``--signal=USR1@300`` does before the time limit), and the run must save, requeue itself, resume
 from its checkpoint and finish. Skips, with the reason, where the daemons cannot start.
 """
@@ -39,6 +41,23 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+OPT_IN = "SFMED_TEST_SLURM"
+
+
+def _opted_in() -> str | None:
+    """None when this run may install packages and start daemons (CI, or asked), else why not.
+
+    The test apt-installs slurm-wlm and munge, writes /etc/munge/munge.key and starts munged,
+    slurmctld and slurmd: nothing a test run on a workstation should do unasked.
+    """
+    if os.environ.get("CI", "").lower() == "true" or os.environ.get(OPT_IN) == "1":
+        return None
+    return (
+        "the real-Slurm test installs slurm-wlm/munge and starts munged/slurmctld/slurmd; it "
+        f"runs only in CI (CI=true) or when asked ({OPT_IN}=1)"
+    )
 
 
 def _ensure_installed() -> str | None:
@@ -84,6 +103,9 @@ def slurm(tmp_path_factory):
     """A running one-node Slurm; yields the environment that points its clients at it."""
     if sys.platform != "linux":
         pytest.skip("Slurm daemons need Linux")
+    reason = _opted_in()
+    if reason:
+        pytest.skip(reason)
     reason = _ensure_installed()
     if reason:
         pytest.skip(reason)
@@ -309,3 +331,14 @@ def test_submit_entry_selects_the_generic_script(tmp_path):
     assert cmd[-2:] == [str(REPO / "launch/slurm/train.sbatch"), "model=tiny"]
     bad = _sh([submit, "--entry", "launch/nope.py", "--dry-run"])
     assert bad.returncode == 2 and "launch/nope.py is not a file" in bad.stderr
+
+
+def test_real_slurm_runs_only_when_asked(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv(OPT_IN, raising=False)
+    assert "SFMED_TEST_SLURM=1" in _opted_in()
+    monkeypatch.setenv("CI", "true")
+    assert _opted_in() is None
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv(OPT_IN, "1")
+    assert _opted_in() is None

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sfmed.config.eval import DecodingConfig, HFConfig, check_model_folder
+from sfmed.core.dtypes import torch_dtype
 from sfmed.eval.backends.base import (
     BackendError,
     Chat,
@@ -17,8 +18,6 @@ from sfmed.eval.backends.base import (
 )
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFBackend(LocalBackend):
@@ -44,8 +43,10 @@ class HFBackend(LocalBackend):
         )
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendError(f"hf.device={cfg.device} but no CUDA device is visible; use cpu")
-        dtype = _DTYPES.get(cfg.dtype) or (
-            torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dtype = (
+            torch_dtype(cfg.dtype, "hf.dtype")
+            if cfg.dtype != "auto"
+            else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         )
         self.tok = AutoTokenizer.from_pretrained(tok_dir)
         if self.tok.pad_token_id is None:

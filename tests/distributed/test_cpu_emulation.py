@@ -11,6 +11,7 @@ from sfmed.core import cpu_emulation
 HERE = Path(__file__).parent
 
 
+@pytest.mark.mcore_compat
 def test_redirects_cuda_requests_and_restores():
     with cpu_emulation.cpu_emulation(force=True):
         assert torch.zeros(2, device="cuda").device.type == "cpu"
@@ -49,6 +50,7 @@ def test_grad_probes_of_activations_are_silent_and_unchanged():
 
 
 @pytest.mark.dist
+@pytest.mark.mcore_compat
 @pytest.mark.parametrize("tp,pp", [(2, 2)])
 def test_gptmodel_trains_and_checkpoints_tp_pp(torchrun, tmp_path, tp, pp):
     """GPTModel + DDP + distributed optimizer at TP=2×PP=2 (gloo): loss falls, dist ckpt reloads."""

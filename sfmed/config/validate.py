@@ -1,0 +1,115 @@
+"""Validate a composed run config completely, before torch or megatron-core is imported.
+
+A training entry point turns Hydra's composed config into its typed schema here: every group is
+validated on its own so that **all** problems are reported together
+(:class:`~sfmed.core.errors.ConfigErrors`), then the checks that need only the world size
+(parallel sizes against the processes and the model's heads, batch divisibility, warmup) run on
+the result. Torch-free: under torchrun every rank gets its answer within seconds instead of
+after importing megatron-core; the trainer's plan repeats these checks with the full picture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from sfmed.core.errors import ConfigError, ConfigErrors
+from sfmed.core.parallel import validate_parallel, validate_parallel_sizes
+
+
+def _messages(err: ConfigError) -> list[str]:
+    return list(err.problems) if isinstance(err, ConfigErrors) else [str(err)]
+
+
+def _groups(cfg: Any, schema: type) -> tuple[dict[str, Any], list[str]]:
+    """Each group of ``cfg`` as its dataclass (None where invalid), and every group's problems."""
+    from omegaconf import DictConfig, OmegaConf
+
+    groups: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in dataclasses.fields(schema):
+        node = cfg.get(f.name) if isinstance(cfg, DictConfig) else None
+        if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
+            try:
+                groups[f.name] = OmegaConf.to_object(node)
+            except ConfigError as e:
+                groups[f.name] = None
+                problems += _messages(e)
+    return groups, problems
+
+
+def _starts_from_checkpoint(conf: Any) -> bool:
+    """Whether the run will load a checkpoint (whose architecture ``model=auto`` takes)."""
+    from pathlib import Path
+
+    from sfmed.core.megatron_layout import TRACKER
+
+    if conf.init_from or conf.resume not in ("auto", "never"):
+        return True
+    ckpt_dir = getattr(conf, "ckpt_dir", None)
+    return conf.resume == "auto" and bool(ckpt_dir) and (Path(ckpt_dir) / TRACKER).is_file()
+
+
+def world_size_problems(conf: Any, world_size: int | None = None) -> list[str]:
+    """What cannot work with ``world_size`` processes (default ``$WORLD_SIZE``), from the config
+    alone: parallel sizes, the preset model's heads/layers, batch sizes, warmup. Groups that are
+    ``None`` on ``conf`` (invalid on their own) are left out."""
+    world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
+    p, t, m, o = (getattr(conf, g, None) for g in ("parallel", "train", "model", "optim"))
+    problems: list[str] = []
+
+    def check(fn, *args):
+        try:
+            return fn(*args)
+        except ConfigError as e:
+            problems.extend(_messages(e))
+            return None
+
+    dp = check(validate_parallel_sizes, world, p.tp, p.pp, p.cp) if p else None
+    # A preset's shape is known here; one read from a checkpoint or HF config is checked later.
+    from_ckpt = m is not None and m.from_checkpoint and _starts_from_checkpoint(conf)
+    if p and m and not m.hf_config and not from_ckpt:
+        check(validate_parallel, m, p.tp, p.pp)
+    if t and dp and t.global_batch_size % (t.micro_batch_size * dp):
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"micro_batch_size × data-parallel size = {t.micro_batch_size} × {dp} = "
+            f"{t.micro_batch_size * dp}; use a multiple of {t.micro_batch_size * dp}"
+        )
+    if t and o:
+        decay = o.decay_steps or t.steps
+        warmup = o.resolve_warmup(decay)
+        if warmup >= decay:
+            problems.append(
+                f"optim.warmup_steps={warmup} must be smaller than the decay horizon "
+                f"optim.decay_steps={decay} (default: train.steps); lower it, or unset it "
+                "(optim.warmup_steps=null) to warm up over optim.warmup_fraction of the run"
+            )
+    return problems
+
+
+def validate_run_config(cfg: Any, schema: type, world_size: int | None = None) -> Any:
+    """The typed config, or :class:`ConfigErrors` with every problem found without torch: each
+    group's own, and what the groups together cannot do with ``world_size`` processes."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    groups, problems = _groups(cfg, schema)
+    if problems:
+        view = SimpleNamespace(
+            **groups,
+            init_from=cfg.get("init_from"),
+            resume=cfg.get("resume"),
+            ckpt_dir=cfg.get("ckpt_dir"),
+        )
+        raise ConfigErrors(problems + world_size_problems(view, world_size))
+    try:
+        conf = OmegaConf.to_object(cfg)
+    except ConfigError as e:
+        raise ConfigErrors(_messages(e)) from None
+    problems = world_size_problems(conf, world_size)
+    if problems:
+        raise ConfigErrors(problems)
+    return conf
