@@ -2,17 +2,18 @@
 
 Each ```bash block of the docs is split into commands (``\\`` continuations joined). A command is
 either **run** in a sandbox folder that holds tiny stand-ins at the paths the docs name (a random
-Qwen2 under ``models/Qwen2-7B``, a small JSONL corpus under ``data/raw/chatmed``, …), or
-**composed** (``--cfg job``: Hydra resolves every group and key, nothing runs) when it needs GPUs,
-a cluster or the user's own corpora, or **skipped** for a stated reason (installation, the suite
-itself). A command that matches no rule fails the test, so a new doc command has to be made
-runnable or given a reason here. Synopsis lines with ``<placeholders>`` or ``[optional]`` parts
-belong in ```text blocks, which are not run.
+Qwen2 under ``models/Qwen2-7B``, a small JSONL corpus under ``data/raw/chatmed``, the evaluation
+data sets and answers files of ``tests/docs_fixtures.py``, …; an LLM judge is a local fake
+OpenAI-compatible server named by ``$OPENAI_BASE_URL``), or **composed** (``--cfg job``: Hydra
+resolves every group and key, nothing runs) when it needs GPUs, a cluster or the user's own
+corpora, or **skipped** for a stated reason (installation, the suite itself). A command that matches no rule fails the test, so a new doc command has to be made
+runnable or given a reason here. Synopsis lines with ``<placeholders>``, ``[optional]`` parts or
+``...`` belong in ```text blocks, which are not run; ``test_every_doc_command_is_classified`` finds
+them (and commands with no rule) without running anything.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -22,16 +23,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import docs_fixtures
 import pytest
 
 from conftest import REPO
+from sfmed.core.ports import free_port
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 # (pattern, reason): commands that are not run at all.
 SKIP = [
     (r"^pip install", "installation: CI runs the README's set-up on a fresh machine"),
-    (r"^python -m pytest", "the test suite itself"),
+    (r"(^|&&\s*)python -m pytest", "the test suite itself"),
     (r"^tail -f", "follows a live log"),
     (r"(^|\s)(launch/slurm/submit\.sh|sbatch)\s", "needs Slurm: tests/train/test_slurm.py runs the scripts on a real single-node Slurm"),
     (r"tests/benchmarks/", "benchmark: minutes of machine time, run by hand"),
@@ -42,7 +45,6 @@ COMPOSE = [
     (r"--nproc_per_node[ =](8|16|32|64)", "needs a multi-GPU node"),
     (r"model=(qwen2|qwen2_5|qwen3|llama2|baichuan)\S*_\d", "needs a full-size model and GPUs"),
     (r"\bsources=\[", "needs the user's corpora (conf/sources/*.yaml name the published files)"),
-    (r"judge\.model=|OPENAI", "needs an LLM judge endpoint"),
 ]
 
 # Env-only lines (``M=/ckpt/x``, ``export X=...``) set variables for the rest of the block.
@@ -91,6 +93,13 @@ def _commands(doc: Path) -> list[DocCommand]:
 
 ALL = [c for d in DOCS for c in _commands(d)]
 
+# Commands that read nothing from the sandbox and write only their own folder: a second
+# doc that shows the same command does not run it again.
+SELF_CONTAINED = {"python launch/quickstart.py"}
+_FIRST = {}
+for _c in ALL:
+    _FIRST.setdefault(_c.text, _c.id)
+
 
 def _rule(rules, cmd: str) -> str | None:
     for pat, reason in rules:
@@ -99,26 +108,29 @@ def _rule(rules, cmd: str) -> str | None:
     return None
 
 
-# Placeholders the README uses in its overview commands, and the sandbox paths they stand for.
-PLACEHOLDERS = {
-    "<hf_dir>": "models/Qwen2-7B",
-    "<ckpt_dir>": "ckpt/qwen2-7b",
-    "<export_dir>": "export/qwen2-7b-hf",
-    "<qwen2 tokenizer dir>": "models/Qwen2-7B",
-    "<prefix>": "data/tiny_text_document",
-}
-
-
-def _substitute(cmd: str) -> str:
-    for k, v in PLACEHOLDERS.items():
-        cmd = cmd.replace(k, v)
-    left = re.findall(r"<[^<>\s]+(?: [^<>]+)?>", cmd)
-    if left:
-        pytest.fail(
-            f"unresolved placeholder(s) {left} in a ```bash command: give them a sandbox path in "
-            "PLACEHOLDERS, or move a synopsis line into a ```text block"
-        )
-    return cmd
+def _as_written_problems(cmd: str) -> list[str]:
+    """Why ``cmd`` cannot run as written: synopsis parts, ``...``, a script that is not there."""
+    out = []
+    holders = re.findall(r"<[^<>\n]+>", cmd)
+    if holders:
+        out.append(f"placeholder(s) {holders}")
+    try:
+        words = shlex.split(cmd, comments=True)
+    except ValueError as e:
+        return [*out, f"not a shell command ({e})"]
+    if any(w == "..." or w.endswith("=...") for w in words):
+        out.append("'...' stands for arguments")
+    optional = [w for w in words if w.startswith("[") and w.endswith("]")]
+    if optional:
+        out.append(f"optional part(s) {optional}")
+    absolute = [w for w in words if re.match(r"^([\w.+-]+=)?/", w)]
+    if absolute:
+        out.append(f"absolute path(s) {absolute}: the reader has relative folders, not ours")
+    scripts = [w for w in words if w.startswith("launch/")]
+    missing = [w for w in scripts if not (REPO / w).is_file()]
+    if missing:
+        out.append(f"no such script {missing}")
+    return out
 
 
 def _compose_only(cmd: str) -> list[str]:
@@ -140,24 +152,31 @@ def base_sandbox(tmp_path_factory, tiny_tokenizer_dir):
     from sfmed.utils.tiny import make_tiny_qwen2
 
     root = tmp_path_factory.mktemp("docs_sandbox")
-    for d in ("launch", "conf", "tests"):
+    for d in ("launch", "conf", "docs", "tests"):
         (root / d).symlink_to(REPO / d)
-    for name in ("Qwen2-7B", "Qwen2-7B-Instruct"):
-        hf = make_tiny_qwen2(root / "models" / name, vocab_size=1000)
+    # Tiny Qwen2 folders with a tokenizer: the user's downloads, and our exported model. The
+    # ones the docs evaluate answer "A" and stop (a random one generates 512 tokens per item).
+    for name in ("models/Qwen2-7B", "models/Qwen2-7B-Instruct", "export/sfmed-7b-hf"):
+        hf = make_tiny_qwen2(root / name, vocab_size=1000)
         for f in tiny_tokenizer_dir.iterdir():
             shutil.copy(f, hf / f.name)
-    # A small corpus in the ChatMed shape ({query, response} JSON lines).
-    raw = root / "data" / "raw" / "chatmed"
-    raw.mkdir(parents=True)
-    with open(raw / "part-0.json", "w", encoding="utf-8") as f:
-        for i in range(400):
-            rec = {
-                "query": f"第{i}位患者咳嗽三天，发热，怎么办？",
-                "response": f"建议多喝水，观察{i}天。",
-            }
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        if name != "models/Qwen2-7B-Instruct":
+            docs_fixtures.make_brief_model(hf)
+    docs_fixtures.write_all(root)
     _make_tiny_text_document(root / "data", tiny_tokenizer_dir)
     return root
+
+
+@pytest.fixture(scope="module")
+def judge_env():
+    """A fake OpenAI-compatible judge for the docs' LLM-judge commands (``$OPENAI_BASE_URL``)."""
+    sys.path.insert(0, str(REPO / "tests" / "eval"))
+    try:
+        from fake_openai_server import FakeOpenAI
+    finally:
+        sys.path.pop(0)
+    with FakeOpenAI(docs_fixtures.judge_policy) as srv:
+        yield {"OPENAI_BASE_URL": srv.base_url, "OPENAI_API_KEY": "sk-docs-test"}
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +218,10 @@ def _make_tiny_text_document(data_dir: Path, tokenizer_dir: Path) -> None:
 def _run(args, cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+    # The sandbox links launch/ and conf/ to this checkout; make `sfmed` this checkout's too.
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH", "")) if p)
+    # torchrun reads its options' defaults from PET_*: a free port, not the shared default 29500.
+    e["PET_MASTER_PORT"] = str(free_port())
     e.update(env)
     return subprocess.run(
         args,
@@ -217,27 +240,37 @@ def test_every_doc_command_is_classified():
     bad = []
     for c in ALL:
         cmd = c.text
-        if _rule(SKIP, cmd) or _rule(COMPOSE, cmd):
+        if _rule(SKIP, cmd):
             continue
-        if not re.match(r"^(python3? (launch/|-c |-m sfmed)|torchrun )", cmd):
-            bad.append(f"{c.id}: {cmd}")
+        problems = _as_written_problems(cmd)
+        problems += [f"absolute path {k}={v}" for k, v in c.env.items() if v.startswith("/")]
+        if not _rule(COMPOSE, cmd) and not re.match(
+            r"^(python3? (launch/|-c |-m sfmed)|torchrun )", cmd
+        ):
+            problems.append("no rule: run it from launch/, or add a reason to SKIP/COMPOSE")
+        if problems:
+            bad.append(f"{c.id}: {cmd}\n    " + "; ".join(problems))
     assert not bad, (
-        "doc commands with no rule (run them from launch/, or add a reason):\n" + "\n".join(bad)
+        "doc commands that cannot run as written (synopsis lines belong in ```text blocks, "
+        "inputs at the paths the sandbox provides):\n" + "\n".join(bad)
     )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("c", ALL, ids=[c.id for c in ALL])
-def test_doc_command_runs(c: DocCommand, sandboxes):
+def test_doc_command_runs(c: DocCommand, sandboxes, judge_env):
     reason = _rule(SKIP, c.text)
     if reason:
         pytest.skip(reason)
-    cmd = _substitute(c.text)
+    if c.text in SELF_CONTAINED and _FIRST[c.text] != c.id:
+        pytest.skip(f"the same self-contained command runs at {_FIRST[c.text]}")
+    cmd = c.text
     sandbox = sandboxes(c.doc)
+    env = {**judge_env, **c.env}  # the doc's own `export OPENAI_API_KEY=...` wins
     if _rule(COMPOSE, cmd):
-        proc = _run(_compose_only(cmd), sandbox, c.env, timeout=120)
+        proc = _run(_compose_only(cmd), sandbox, env, timeout=120)
     else:
-        proc = _run(cmd, sandbox, c.env)
+        proc = _run(cmd, sandbox, env)
     assert proc.returncode == 0, (
         f"{c.id} exited {proc.returncode}: {cmd}\n--- stdout ---\n{proc.stdout[-3000:]}"
         f"\n--- stderr ---\n{proc.stderr[-5000:]}"
