@@ -290,9 +290,27 @@ class QKV(SplitRows):
         return split_qkv(t, arch.num_attention_heads, arch.num_query_groups)
 
     def tp_blocks(self, hf, arch, tp, rank):
-        # A TP rank holds whole query groups: fuse just its slices of q, k and v.
         shape = self.mcore_shape(arch, 0)
-        ((offsets, _),) = self.tp_regions(shape, tp, rank)
+        ((offsets, sizes),) = self.tp_regions(shape, tp, rank)
+        if tp > arch.num_query_groups:
+            # TP > query groups (megatron-core all-gathers QKV and each rank keeps its query
+            # heads): ranks hold an even row split of the fused tensor, which cuts through a
+            # group. Fuse only the one group this rank's rows fall in.
+            ranks_per_group = tp // arch.num_query_groups
+            g = rank // ranks_per_group
+            per_group = arch.num_attention_heads // arch.num_query_groups
+            d = arch.kv_channels
+            q, k, v = hf
+            fused = fuse_qkv(
+                q.narrow(0, g * per_group * d, per_group * d),
+                k.narrow(0, g * d, d),
+                v.narrow(0, g * d, d),
+                per_group,
+                1,
+            )
+            start = offsets[0] - g * fused.shape[0]
+            return [(offsets, owned_copy(fused.narrow(0, start, sizes[0])))]
+        # A TP rank holds whole query groups: fuse just its slices of q, k and v.
         groups = arch.num_query_groups // tp
         per_group = arch.num_attention_heads // arch.num_query_groups
         d = arch.kv_channels
