@@ -24,4 +24,13 @@ FAMILY_CASES: dict[str, dict] = {
         reference=transformers_logits,
         layouts=[(2, 2, 2, 2), (4, 1, 4, 1), (1, 1, 4, 1)],
     ),
+    # Qwen2.5-0.5B-shaped: tied embeddings, 14 heads / 2 KV heads scaled down to 8 / 2
+    "qwen2_5_tied": dict(
+        make=_tiny("qwen2", num_kv_heads=2, tie_word_embeddings=True), reference=transformers_logits
+    ),
+    # Qwen3: q/k RMSNorm, no biases, head_dim 16 != hidden / heads = 8, tied
+    "qwen3": dict(make=_tiny("qwen3"), reference=transformers_logits),
+    # LLaMA-2-7B-shaped (MHA) and 70B-shaped (GQA 8/2)
+    "llama_mha": dict(make=_tiny("llama", num_kv_heads=8), reference=transformers_logits),
+    "llama_gqa": dict(make=_tiny("llama", num_kv_heads=2), reference=transformers_logits),
 }
