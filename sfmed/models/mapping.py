@@ -322,6 +322,32 @@ class QKV(SplitRows):
 
 
 @dataclass(frozen=True)
+class PackedQKV(QKV):
+    """One HF tensor holding ``[q; k; v]`` stacked along rows (Baichuan's ``W_pack``) ->
+    megatron's ``linear_qkv`` interleaved per query group, and back. The stored blocks are
+    :class:`QKV`'s: the HF tensor is cut into q/k/v views (no copy) before fusing."""
+
+    def _split(self, packed: torch.Tensor, arch: ModelArch):
+        d = dims(arch)
+        return packed.split([d["q"], d["kv"], d["kv"]], dim=0)
+
+    def hf_shapes(self, arch: ModelArch) -> list[Shape]:
+        shapes = super().hf_shapes(arch)
+        return [(sum(s[0] for s in shapes), *shapes[0][1:])]
+
+    def to_mcore(self, hf, arch):
+        (packed,) = hf
+        return super().to_mcore(self._split(packed, arch), arch)
+
+    def to_hf(self, t, arch):
+        return (torch.cat(super().to_hf(t, arch), dim=0),)
+
+    def tp_blocks(self, hf, arch, tp, rank):
+        (packed,) = hf
+        return super().tp_blocks(self._split(packed, arch), arch, tp, rank)
+
+
+@dataclass(frozen=True)
 class GateUp(TensorMapping):
     """SwiGLU's ``linear_fc1``: ``[gate; up]`` along axis 0, each half split across TP ranks
     (a rank stores a gate block and an up block)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from baichuan_reference import baichuan_logits
 
 from sfmed.convert.verify import hf_logits
 from sfmed.models import get_family
@@ -33,4 +34,22 @@ FAMILY_CASES: dict[str, dict] = {
     # LLaMA-2-7B-shaped (MHA) and 70B-shaped (GQA 8/2)
     "llama_mha": dict(make=_tiny("llama", num_kv_heads=8), reference=transformers_logits),
     "llama_gqa": dict(make=_tiny("llama", num_kv_heads=2), reference=transformers_logits),
+    # Baichuan2-7B-shaped: W_pack, RoPE, NormHead
+    "baichuan2_rope": dict(
+        make=_tiny("baichuan", position_embedding_type="rope", norm_head=True),
+        reference=lambda hf, tokens: baichuan_logits(hf, tokens),
+    ),
+    # Baichuan-13B-shaped: ALiBi over 12 heads (not a power of two: interleaved slopes), no
+    # NormHead; TP=4 gives each rank 3 heads' slopes
+    "baichuan_alibi": dict(
+        make=_tiny(
+            "baichuan",
+            position_embedding_type="alibi",
+            norm_head=False,
+            num_heads=12,
+            hidden_size=96,
+        ),
+        reference=lambda hf, tokens: baichuan_logits(hf, tokens),
+        layouts=[(2, 2, 2, 2), (4, 1, 4, 1)],
+    ),
 }

@@ -22,6 +22,7 @@ STEPS = 8
 RUNS = {
     "tiny_llama": ["model=tiny_llama", "parallel=tp2pp2"],
     "tiny_qwen3": ["model=tiny_qwen3", "parallel=tp2pp2"],
+    "tiny_baichuan": ["model=tiny_baichuan", "parallel=tp2pp2"],  # ALiBi + NormHead
     "tiny_tp4": ["model=tiny", "parallel.tp=4"],  # 8 heads, 2 KV heads
 }
 

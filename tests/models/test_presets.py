@@ -50,6 +50,17 @@ def _llama(hidden, inter, layers, heads, kv, vocab, max_pos, eps):
     )  # fmt: skip
 
 
+def _baichuan(hidden, inter, layers, heads, vocab, **kw):
+    # Baichuan's config.json has no position or NormHead field: the release's code decides
+    # (ALiBi for 13B, NormHead for Baichuan2); sfmed follows the same size rule.
+    return dict(
+        model_type="baichuan", architectures=["BaichuanForCausalLM"], hidden_act="silu",
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, vocab_size=vocab, model_max_length=4096, rms_norm_eps=1e-06,
+        tie_word_embeddings=False, torch_dtype="bfloat16", **kw,
+    )  # fmt: skip
+
+
 PUBLISHED = {
     # Qwen2 / Qwen2.5 (Qwen/<name>/config.json)
     "qwen2_0_5b": _qwen2(896, 4864, 24, 14, 2, 151936, 131072, 1e-06, True),
@@ -73,6 +84,17 @@ PUBLISHED = {
     "chinese_llama_plus_7b": _llama(4096, 11008, 32, 32, 32, 49953, 2048, 1e-06),
     # IDEA-CCNL/Ziya2-13B-Base (LLaMA-2-13B, vocabulary 39424)
     "ziya_13b": _llama(5120, 13824, 40, 40, 40, 39424, 4096, 1e-05),
+    # baichuan-inc/<name>/config.json
+    "baichuan2_7b": _baichuan(4096, 11008, 32, 32, 125696, max_position_embeddings=4096),
+    "baichuan2_13b": _baichuan(5120, 13696, 40, 40, 125696),
+    "baichuan_13b": _baichuan(5120, 13696, 40, 40, 64000),
+}
+
+# The variant facts each release's own code has (not in its config.json).
+BAICHUAN_VARIANTS = {
+    "baichuan2_7b": ("rope", True),
+    "baichuan2_13b": ("alibi", True),
+    "baichuan_13b": ("alibi", False),
 }
 
 
@@ -92,3 +114,11 @@ def test_preset_equals_published_config(name):
     want = dataclasses.replace(arch_from_hf_config(PUBLISHED[name]), torch_dtype="bfloat16")
     got = dataclasses.replace(_preset_arch(name), torch_dtype="bfloat16")
     assert got == want
+
+
+@pytest.mark.parametrize("name", sorted(BAICHUAN_VARIANTS))
+def test_baichuan_variants(name):
+    arch = _preset_arch(name)
+    assert (arch.position_embedding_type, arch.norm_head) == BAICHUAN_VARIANTS[name]
+    tiny = _preset_arch("tiny_baichuan")
+    assert (tiny.position_embedding_type, tiny.norm_head) == ("alibi", True)

@@ -8,4 +8,5 @@ FAMILY_MODULES = (
     "sfmed.models.families.qwen2",
     "sfmed.models.families.llama",
     "sfmed.models.families.qwen3",
+    "sfmed.models.families.baichuan",
 )
