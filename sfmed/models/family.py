@@ -30,6 +30,9 @@ class ModelFamily:
     """HF model class name written into exported ``config.json`` ``architectures``."""
     eod_token: ClassVar[str | None] = None
     """The end-of-document token pretraining appends between documents."""
+    chat_format: ClassVar[str] = "template"
+    """The conversation format of the family's chat releases: a name in the chat-format
+    registry :data:`sfmed.eval.chat_formats.CHAT_FORMATS`."""
     arch_defaults: ClassVar[dict[str, Any]] = {}
     """ModelArch fields a stored ``sfmed.json`` may lack (written before they existed)."""
 

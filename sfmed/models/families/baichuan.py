@@ -77,6 +77,7 @@ class BaichuanFamily(ModelFamily):
     model_type = "baichuan"
     hf_architecture = "BaichuanForCausalLM"
     eod_token = "</s>"
+    chat_format = "baichuan"
     arch_defaults: ClassVar[dict[str, Any]] = {
         "qkv_bias": False,
         "linear_bias": False,

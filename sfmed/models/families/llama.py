@@ -80,6 +80,7 @@ class LlamaFamily(ModelFamily):
     model_type = "llama"
     hf_architecture = "LlamaForCausalLM"
     eod_token = "</s>"
+    chat_format = "llama2"
     arch_defaults: ClassVar[dict[str, Any]] = {
         "qkv_bias": False,
         "linear_bias": False,

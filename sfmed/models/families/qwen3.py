@@ -21,6 +21,7 @@ class Qwen3Family(LlamaFamily):
     model_type = "qwen3"
     hf_architecture = "Qwen3ForCausalLM"
     eod_token = "<|endoftext|>"
+    chat_format = "chatml"
     arch_defaults: ClassVar[dict[str, Any]] = {
         "qkv_bias": False,
         "linear_bias": False,
