@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from baichuan_reference import baichuan_logits
 
@@ -53,3 +56,17 @@ FAMILY_CASES: dict[str, dict] = {
         layouts=[(2, 2, 2, 2), (4, 1, 4, 1)],
     ),
 }
+
+
+@pytest.fixture(scope="session")
+def family_factory(tmp_path_factory):
+    """``make(case_name)`` -> the tiny HF folder of a case of :data:`FAMILY_CASES` (cached)."""
+    cache: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            d = tmp_path_factory.mktemp(name)
+            cache[name] = FAMILY_CASES[name]["make"](d / "hf")
+        return cache[name]
+
+    return make

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import family_cases
 import pytest
 import torch
+from family_cases import FAMILY_CASES
 
 from sfmed.convert import convert_hf_to_mcore
 from sfmed.convert.verify import make_tokens
@@ -22,10 +24,11 @@ HERE = Path(__file__).resolve().parent
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
+family_factory = family_cases.family_factory  # the session fixture
+
 
 def _cases(factory):
     """(name, HF folder, reference logits function, [(convert tp, pp, load tp, pp)])."""
-    from family_cases import FAMILY_CASES
 
     out = []
     for name, case in FAMILY_CASES.items():

@@ -69,3 +69,21 @@ def test_family_preset_trains(corpus, tmp_path, run):
     assert len(losses) == STEPS and all(np.isfinite(losses)), losses
     assert losses[-1] < 0.8 * losses[0], losses
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
+    if run == "tiny_baichuan":
+        _export_keeps_the_trained_logits(out, tmp_path / "hf")
+
+
+def _export_keeps_the_trained_logits(run_dir: Path, hf: Path) -> None:
+    """NormHead + ALiBi after training: the exported folder (raw output rows, normalised at run
+    time by the hub code, here by the reference forward) gives the trained model's logits."""
+    from baichuan_reference import baichuan_logits
+
+    from sfmed.convert import convert_mcore_to_hf
+    from sfmed.convert.verify import make_tokens, run_mcore_logits
+
+    convert_mcore_to_hf(run_dir, hf, progress=False)
+    tokens = make_tokens(1000, 2, 16, seed=2)
+    trained = run_mcore_logits(run_dir, tokens, tp=2, pp=2, device="cpu")
+    ref = baichuan_logits(hf, tokens)
+    assert (trained - ref).abs().max().item() <= 1e-4
+    assert torch.equal(trained.argmax(-1), ref.argmax(-1))

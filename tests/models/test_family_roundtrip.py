@@ -4,6 +4,7 @@ functions (single process, pure CPU), and the exported folder loads with the fam
 
 from __future__ import annotations
 
+import family_cases
 import pytest
 import torch
 from family_cases import FAMILY_CASES
@@ -13,6 +14,8 @@ from sfmed.convert.quickstart import compare_hf_folders
 from sfmed.convert.verify import make_tokens
 from sfmed.core.parallel import valid_tp
 from sfmed.models import arch_from_hf_config
+
+family_factory = family_cases.family_factory  # the session fixture
 
 
 @pytest.mark.parametrize("case", sorted(FAMILY_CASES))
