@@ -59,6 +59,12 @@ class ModelConfig:
     rope_theta: float = 1_000_000.0
     tie_word_embeddings: bool = False
 
+    position_embedding_type: str | None = None
+    """``rope`` or ``alibi``; ``None``: the family decides (Baichuan: ALiBi for the 13B sizes)."""
+
+    norm_head: bool | None = None
+    """Normalise output-layer rows at run time; ``None``: the family decides (Baichuan2)."""
+
     make_vocab_size_divisible_by: int = 128
     """The vocabulary is padded to a multiple of this × lcm(TP, 8) (as the conversion does, so a
     checkpoint loads at every TP up to 8). An init/resume checkpoint's own ``padded_vocab_size``
@@ -130,5 +136,10 @@ class ModelConfig:
                 "rope_theta": self.rope_theta,
                 "tie_word_embeddings": self.tie_word_embeddings,
                 "kv_channels": self.kv_channels or self.hidden_size // self.num_attention_heads,
+                **{
+                    k: getattr(self, k)
+                    for k in ("position_embedding_type", "norm_head")
+                    if getattr(self, k) is not None
+                },
             }
         )

@@ -99,19 +99,9 @@ def hf_logits(
     hf_dir: str | Path, tokens: torch.Tensor, dtype: torch.dtype, device: str
 ) -> torch.Tensor:
     """Logits of the family's transformers causal LM for ``tokens`` (on CPU, fp32)."""
-    import transformers
-
     from sfmed.models import arch_from_hf_config, family_for
 
-    model_class = family_for(arch_from_hf_config(hf_dir)).hf_model_class()
-    # transformers 5 names the argument dtype; 4.x calls it torch_dtype
-    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = model_class.from_pretrained(str(hf_dir), **{key: dtype})
-    model.to(device).eval()
-    with torch.no_grad():
-        out = model(tokens.to(device)).logits.float().cpu()
-    del model
-    return out
+    return family_for(arch_from_hf_config(hf_dir)).reference_logits(hf_dir, tokens, dtype, device)
 
 
 def build_and_load(

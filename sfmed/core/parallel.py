@@ -38,21 +38,42 @@ def validate_parallel_sizes(world_size: int, tp: int, pp: int, cp: int = 1) -> i
     return world_size // mp
 
 
+def valid_tp(arch: Any) -> list[int]:
+    """The TP sizes megatron-core's attention can split ``arch`` into.
+
+    TP divides the query heads and is a multiple or a divisor of the query groups
+    (``transformer_config.py``); when TP exceeds the groups, each rank all-gathers the fused QKV
+    and keeps its own query heads (``attention.py``), so the fused ``linear_qkv`` rows must also
+    split evenly.
+    """
+    heads, groups = arch.num_attention_heads, arch.num_query_groups
+    head_dim = getattr(arch, "kv_channels", None) or 1
+    qkv_rows = (heads + 2 * groups) * head_dim
+    return [
+        t for t in divisors(heads) if (groups % t == 0 or t % groups == 0) and qkv_rows % t == 0
+    ]
+
+
 def validate_parallel(
     arch: Any, tp: int, pp: int, layers_per_stage: Sequence[int] | None = None
 ) -> None:
     """Raise :class:`ConfigError` naming the numbers when ``arch`` cannot be split TP×PP ways."""
     _positive(tp=tp, pp=pp)
     heads, groups = arch.num_attention_heads, arch.num_query_groups
-    for what, n in (
-        ("num_attention_heads", heads),
-        ("num_key_value_heads (query groups)", groups),
-    ):
-        if n % tp:
-            valid = [d for d in divisors(groups) if heads % d == 0]
-            raise ConfigError(
-                f"parallel.tp={tp} does not divide {what}={n}; valid tp for this model: {valid}"
+    if tp not in valid_tp(arch):
+        if heads % tp:
+            why = f"does not divide num_attention_heads={heads}"
+        elif groups % tp and tp % groups:
+            why = (
+                f"does not divide num_key_value_heads (query groups)={groups} and is not a "
+                "multiple of it (megatron-core needs one or the other)"
             )
+        else:
+            why = (
+                f"does not divide the fused QKV rows (num_attention_heads + 2 * query groups) "
+                f"* head_dim = {(heads + 2 * groups) * (getattr(arch, 'kv_channels', None) or 1)}"
+            )
+        raise ConfigError(f"parallel.tp={tp} {why}; valid tp for this model: {valid_tp(arch)}")
     if arch.ffn_hidden_size % tp:
         raise ConfigError(
             f"parallel.tp={tp} does not divide intermediate_size (ffn)={arch.ffn_hidden_size}; "

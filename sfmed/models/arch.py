@@ -42,6 +42,11 @@ class ModelArch:
     """Biases on every other linear layer (megatron's ``add_bias_linear``)."""
     qk_layernorm: bool = False
     """RMSNorm on queries and keys per head (megatron's ``qk_layernorm``)."""
+    position_embedding_type: str = "rope"
+    """``rope`` (rotary, ``rope_theta``) or ``alibi`` (additive per-head linear bias in sfmed's
+    SDPA core attention, no position embedding)."""
+    norm_head: bool = False
+    """The output layer L2-normalises each vocabulary row at run time (Baichuan2's NormHead)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -51,7 +56,15 @@ class ModelArch:
 
 
 _FIELDS = tuple(f for f in ModelArch.__dataclass_fields__ if f != "extra")
-_OPTIONAL = ("torch_dtype", "family", "qkv_bias", "linear_bias", "qk_layernorm")
+_OPTIONAL = (
+    "torch_dtype",
+    "family",
+    "qkv_bias",
+    "linear_bias",
+    "qk_layernorm",
+    "position_embedding_type",
+    "norm_head",
+)
 
 
 def arch_to_dict(arch: ModelArch) -> dict:
@@ -75,7 +88,8 @@ def arch_from_dict(d: dict) -> ModelArch:
             f"checkpoint metadata 'arch' lacks {missing}; it was not written by sfmed"
         )
     family = get_family(d.get("family") or "qwen2")
-    values = {**family.arch_defaults, **{k: v for k, v in d.items() if k in _FIELDS}}
+    given = {k: v for k, v in d.items() if k in _FIELDS}
+    values = {**family.arch_defaults_for(given), **given}
     values["family"] = family.model_type
     return ModelArch(**values)
 

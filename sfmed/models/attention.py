@@ -67,6 +67,8 @@ class SDPAttention(MegatronModule):
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         )
+        self.alibi_slopes: torch.Tensor | None = None
+        """This rank's ALiBi slopes (see :func:`alibi_slopes`); ``None``: no ALiBi."""
         # apply_query_key_layer_scaling needs nothing here: DotProductAttention divides the
         # scale by the layer number and multiplies the fp32 scores back, i.e. the plain scale.
         self.dropout_p = (
@@ -104,6 +106,9 @@ class SDPAttention(MegatronModule):
         if not is_causal and attention_mask is not None:
             # megatron's masks are True where attention is NOT allowed; SDPA's the opposite.
             mask = ~attention_mask.bool()
+        if self.alibi_slopes is not None:
+            mask = self._alibi_bias(q, k, is_causal, mask)
+            is_causal = False
         dropout_p = self.dropout_p if self.training else 0.0
         gqa = self.num_heads != self.num_groups
         if gqa and not _SDPA_HAS_GQA:  # torch < 2.5
@@ -132,6 +137,51 @@ class SDPAttention(MegatronModule):
             context = attend()
         # [b, np, s, hn] -> [s, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
+
+    def _alibi_bias(self, q, k, is_causal: bool, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Additive ``[1 or b, heads, sq, sk]`` bias: ``slope_h * key_position`` (what
+        Baichuan-13B adds; softmax is invariant to the per-row shift of ``slope * (j - i)``),
+        ``-inf`` where attention is not allowed (the causal future or ``allowed`` False)."""
+        sq, sk = q.shape[2], k.shape[2]
+        slopes = self.alibi_slopes.to(device=q.device, dtype=torch.float32)
+        pos = torch.arange(sk, device=q.device, dtype=torch.float32)
+        bias = (slopes[:, None, None] * pos[None, None, :]).expand(-1, sq, -1).unsqueeze(0)
+        if is_causal:
+            future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
+            bias = bias.masked_fill(future, float("-inf"))
+        if allowed is not None:
+            bias = bias.masked_fill(~allowed, float("-inf"))
+        return bias.to(q.dtype)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al.; the interleaving Baichuan-13B and BLOOM use for a
+    head count that is not a power of two)."""
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return torch.tensor(power_of_2(num_heads))
+    closest = 2 ** math.floor(math.log2(num_heads))
+    rest = alibi_slopes(2 * closest)[0::2][: num_heads - closest]
+    return torch.cat([torch.tensor(power_of_2(closest)), rest])
+
+
+def enable_alibi(core_attention, num_heads: int, tp_rank: int) -> None:
+    """Switch ALiBi on in a layer's core attention: the slopes of the heads this TP rank holds
+    (megatron gives rank ``r`` the contiguous heads ``[r * heads_per_rank, ...)``)."""
+    if type(core_attention) is not SDPAttention:
+        raise ValueError(
+            f"ALiBi is implemented in sfmed's SDPA core attention only, not in "
+            f"{type(core_attention).__name__}; set model.transformer_impl=local and "
+            "model.attention_backend=sdpa"
+        )
+    per_rank = core_attention.num_heads
+    core_attention.alibi_slopes = alibi_slopes(num_heads)[
+        tp_rank * per_rank : (tp_rank + 1) * per_rank
+    ]
 
 
 class FlashAttention(SDPAttention):

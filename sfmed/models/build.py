@@ -90,7 +90,8 @@ def build_model(
             )
     if spec is None:
         spec = decoder_layer_spec(config, vp_stage=vp_stage)
-    return GPTModel(
+    family = family_for(arch)
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab,
@@ -99,8 +100,9 @@ def build_model(
         post_process=post_process,
         parallel_output=True,
         vp_stage=vp_stage,
-        **family_for(arch).gpt_model_kwargs(arch),
+        **family.gpt_model_kwargs(arch),
     )
+    return family.finish_model(model, arch)
 
 
 _megatron_padded_vocab = padded_vocab_size  # build_model's keyword shadows the function name

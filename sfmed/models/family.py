@@ -30,10 +30,18 @@ class ModelFamily:
     """HF model class name written into exported ``config.json`` ``architectures``."""
     eod_token: ClassVar[str | None] = None
     """The end-of-document token pretraining appends between documents."""
+    chat_format: ClassVar[str] = "template"
+    """The conversation format of the family's chat releases: a name in the chat-format
+    registry :data:`sfmed.eval.chat_formats.CHAT_FORMATS`."""
     arch_defaults: ClassVar[dict[str, Any]] = {}
     """ModelArch fields a stored ``sfmed.json`` may lack (written before they existed)."""
 
     # -- architecture facts -------------------------------------------------------------------
+
+    def arch_defaults_for(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The defaults of the ModelArch fields ``fields`` (a preset, stored metadata) lacks;
+        families whose variants differ by size override it."""
+        return dict(self.arch_defaults)
 
     def arch_from_hf(self, cfg: dict) -> ModelArch:
         """``config.json`` dict -> :class:`ModelArch`; raise ConfigError for what cannot be
@@ -83,6 +91,11 @@ class ModelFamily:
         """The tensor table of ``arch`` (see :mod:`sfmed.models.mapping`)."""
         raise NotImplementedError
 
+    def finish_model(self, model, arch: ModelArch):
+        """Adjust a freshly built GPTModel stage for what megatron-core has no option for
+        (e.g. a normalised output layer, ALiBi); the default changes nothing."""
+        return model
+
     # -- transformers side ----------------------------------------------------------------------
 
     def hf_model_class(self):
@@ -92,6 +105,20 @@ class ModelFamily:
     def hf_config_class(self):
         """The transformers config class."""
         raise NotImplementedError
+
+    def reference_logits(self, hf_dir: str | Path, tokens, dtype, device: str):
+        """Logits of the HF model in ``hf_dir`` for ``tokens`` (the reference of verification):
+        the family's transformers class by default."""
+        import transformers
+
+        # transformers 5 names the argument dtype; 4.x calls it torch_dtype
+        key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        model = self.hf_model_class().from_pretrained(str(hf_dir), **{key: dtype})
+        model.to(device).eval()
+        import torch
+
+        with torch.no_grad():
+            return model(tokens.to(device)).logits.float().cpu()
 
     # -- tests and the demo ---------------------------------------------------------------------
 

@@ -290,9 +290,27 @@ class QKV(SplitRows):
         return split_qkv(t, arch.num_attention_heads, arch.num_query_groups)
 
     def tp_blocks(self, hf, arch, tp, rank):
-        # A TP rank holds whole query groups: fuse just its slices of q, k and v.
         shape = self.mcore_shape(arch, 0)
-        ((offsets, _),) = self.tp_regions(shape, tp, rank)
+        ((offsets, sizes),) = self.tp_regions(shape, tp, rank)
+        if tp > arch.num_query_groups:
+            # TP > query groups (megatron-core all-gathers QKV and each rank keeps its query
+            # heads): ranks hold an even row split of the fused tensor, which cuts through a
+            # group. Fuse only the one group this rank's rows fall in.
+            ranks_per_group = tp // arch.num_query_groups
+            g = rank // ranks_per_group
+            per_group = arch.num_attention_heads // arch.num_query_groups
+            d = arch.kv_channels
+            q, k, v = hf
+            fused = fuse_qkv(
+                q.narrow(0, g * per_group * d, per_group * d),
+                k.narrow(0, g * d, d),
+                v.narrow(0, g * d, d),
+                per_group,
+                1,
+            )
+            start = offsets[0] - g * fused.shape[0]
+            return [(offsets, owned_copy(fused.narrow(0, start, sizes[0])))]
+        # A TP rank holds whole query groups: fuse just its slices of q, k and v.
         groups = arch.num_query_groups // tp
         per_group = arch.num_attention_heads // arch.num_query_groups
         d = arch.kv_channels
@@ -301,6 +319,32 @@ class QKV(SplitRows):
         k = k.narrow(0, rank * groups * d, groups * d)
         v = v.narrow(0, rank * groups * d, groups * d)
         return [(offsets, fuse_qkv(q, k, v, groups * per_group, groups))]
+
+
+@dataclass(frozen=True)
+class PackedQKV(QKV):
+    """One HF tensor holding ``[q; k; v]`` stacked along rows (Baichuan's ``W_pack``) ->
+    megatron's ``linear_qkv`` interleaved per query group, and back. The stored blocks are
+    :class:`QKV`'s: the HF tensor is cut into q/k/v views (no copy) before fusing."""
+
+    def _split(self, packed: torch.Tensor, arch: ModelArch):
+        d = dims(arch)
+        return packed.split([d["q"], d["kv"], d["kv"]], dim=0)
+
+    def hf_shapes(self, arch: ModelArch) -> list[Shape]:
+        shapes = super().hf_shapes(arch)
+        return [(sum(s[0] for s in shapes), *shapes[0][1:])]
+
+    def to_mcore(self, hf, arch):
+        (packed,) = hf
+        return super().to_mcore(self._split(packed, arch), arch)
+
+    def to_hf(self, t, arch):
+        return (torch.cat(super().to_hf(t, arch), dim=0),)
+
+    def tp_blocks(self, hf, arch, tp, rank):
+        (packed,) = hf
+        return super().tp_blocks(self._split(packed, arch), arch, tp, rank)
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def test_dtype_mismatch_between_shards(sharded_hf, tmp_path):
     "edit,match",
     [
         (lambda c: c.pop("hidden_size"), r"lacks required field.*hidden_size"),
-        (lambda c: c.update(model_type="llama"), r"model_type='llama' is not supported"),
+        (lambda c: c.update(model_type="gpt2"), r"model_type='gpt2' is not supported"),
         (lambda c: c.update(use_sliding_window=True), r"sliding-window"),
         (lambda c: c.update(rope_scaling={"type": "yarn", "factor": 4.0}), r"rope scaling"),
         (lambda c: c.update(num_attention_heads="8"), r"positive integer"),
@@ -116,7 +116,7 @@ def test_no_safetensors(tmp_path, tiny_qwen2_factory):
 @pytest.mark.parametrize(
     "tp,pp,lps,match",
     [
-        (3, 1, None, r"parallel.tp=3 does not divide num_attention_heads=8.*valid tp.*\[1, 2\]"),
+        (3, 1, None, r"parallel.tp=3 does not divide num_attention_heads=8.*\[1, 2, 4, 8\]"),
         (1, 3, None, r"parallel.pp=3 does not divide num_layers=4; valid pp: \[1, 2, 4\]"),
         (1, 8, None, r"parallel.pp=8 exceeds num_layers=4"),
         (1, 2, [1, 2], r"layers_per_stage=\[1, 2\].*summing to num_layers=4"),

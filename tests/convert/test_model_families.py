@@ -39,9 +39,9 @@ def test_registry():
     fam = get_family("qwen2")
     assert family_for(ARCH) is fam and fam.model_type == ARCH.family == "qwen2"
     with pytest.raises(
-        ConfigError, match=r"model_type='llama' is not supported; sfmed converts .*qwen2"
+        ConfigError, match=r"model_type='gpt2' is not supported; sfmed converts .*qwen2"
     ):
-        get_family("llama")
+        get_family("gpt2")
     with pytest.raises(ConfigError, match=r"model_type=None"):
         arch_from_hf_config({"hidden_size": 8})
 

@@ -128,9 +128,13 @@ def test_plan_resolves_sizes(corpus, tmp_path):
 @pytest.mark.parametrize(
     "overrides,world,match",
     [
-        # TP not dividing the heads (tiny: 8 heads, 2 query groups)
-        (["parallel.tp=4"], 4, r"parallel.tp=4 does not divide num_key_value_heads"),
-        (["parallel.tp=3"], 3, r"parallel.tp=3 does not divide"),
+        # TP not dividing the heads (tiny: 8 heads, 2 query groups; valid: 1, 2, 4, 8)
+        (["parallel.tp=3"], 3, r"parallel.tp=3 does not divide.*valid tp.*\[1, 2, 4, 8\]"),
+        (
+            ["model.num_query_groups=4", "parallel.tp=16"],
+            16,
+            r"parallel.tp=16 does not divide num_attention_heads=8",
+        ),
         # global batch not divisible by micro-batch x DP
         (
             ["train.global_batch_size=6", "train.micro_batch_size=2"],
@@ -163,6 +167,16 @@ def test_impossible_layouts_fail_before_work(corpus, tmp_path, overrides, world,
     with pytest.raises(ConfigError, match=match):
         _plan([f"data.prefix={corpus}", f"ckpt_dir={tmp_path / 'r'}", *overrides], world=world)
     assert not (tmp_path / "r").exists()
+
+
+def test_tp_larger_than_the_query_groups_plans(corpus, tmp_path):
+    """tiny has 2 KV heads: megatron-core runs TP=4 (each rank all-gathers its group's QKV)."""
+    plan = _plan(
+        [f"data.prefix={corpus}", "parallel.tp=4", "train.global_batch_size=4",
+         "train.micro_batch_size=1", f"ckpt_dir={tmp_path / 'run'}"],
+        world=4,
+    )  # fmt: skip
+    assert (plan.dp, plan.num_microbatches) == (1, 4)
 
 
 def test_missing_data_fails_with_the_fix(tmp_path):

@@ -4,4 +4,9 @@ Adding a family: write ``sfmed/models/families/<model_type>.py`` (a :class:`Mode
 subclass and ``register_family(...)``), list it here, add its tests and YAML presets.
 """
 
-FAMILY_MODULES = ("sfmed.models.families.qwen2",)
+FAMILY_MODULES = (
+    "sfmed.models.families.qwen2",
+    "sfmed.models.families.llama",
+    "sfmed.models.families.qwen3",
+    "sfmed.models.families.baichuan",
+)

@@ -36,6 +36,7 @@ class Qwen2Family(ModelFamily):
     model_type = "qwen2"
     hf_architecture = "Qwen2ForCausalLM"
     eod_token = "<|endoftext|>"
+    chat_format = "chatml"
     arch_defaults = {"qkv_bias": True, "linear_bias": False, "qk_layernorm": False}
 
     def arch_from_hf(self, cfg: dict) -> ModelArch:
