@@ -10,10 +10,14 @@ Examples::
     python launch/sft.py engine=hf hf.model=hf/qwen2-7b hf.lora.enabled=true ...
 """
 
-import hydra
-from omegaconf import DictConfig
+from sfmed.core.cli import hold_sigterm
 
-from sfmed.config.sft import register
+hold_sigterm()  # until the config is validated: every rank then exits 2 on a config error
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from sfmed.config.sft import SFTConfig, register  # noqa: E402
 
 register()
 
@@ -29,16 +33,16 @@ def main(cfg: DictConfig) -> None:
         from sfmed.core.cli import run_cli
 
         def _hf():
+            hold_sigterm(False)
             from sfmed.hf_engine.sft import run
 
             return run(OmegaConf.to_object(cfg))
 
         run_cli("sft", _hf)
         return
-    from sfmed.recipes.sft import SFTRecipe
-    from sfmed.train.trainer import launch
+    from sfmed.train.entry import launch
 
-    launch("sft", cfg, SFTRecipe)
+    launch("sft", cfg, SFTConfig, "sfmed.recipes.sft:SFTRecipe")
 
 
 if __name__ == "__main__":

@@ -264,7 +264,9 @@ def build_gpt_datasets(cfg: PretrainConfig, plan, data: PretrainData):
     # The train split keeps its documents (the ranges do not depend on the others being built).
     m = gcfg.split_matrix
     gcfg.split_matrix = [m[0], m[1] if n_evals else None, None]
-    sizes = [train_samples, valid_samples if valid_samples else None, None]
+    # 0, not None, for a split left unbuilt: megatron asserts size None => no weights, and a
+    # weighted blend would trip it; a split whose matrix entry is None is skipped either way.
+    sizes = [train_samples, valid_samples if valid_samples else 0, 0]
     train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, lambda: True, gcfg
     ).build()

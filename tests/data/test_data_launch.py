@@ -177,15 +177,15 @@ def _readme_preprocess_commands(subst: dict[str, str]) -> list[list[str]]:
 
 def test_readme_chatmed_example_keeps_every_record(tmp_path, tiny_tokenizer_dir):
     """Issue 9.11: the README's ad-hoc example, run as written on ChatMed-shaped records."""
-    subst = {"<qwen2 tokenizer dir>": str(tiny_tokenizer_dir)}
+    subst = {"tokenizer=models/Qwen2-7B": f"tokenizer={tiny_tokenizer_dir}"}
     cmds = _readme_preprocess_commands(subst)
     cmds = [c for c in cmds if any(a.startswith("input=") for a in c)]
     assert len(cmds) == 1, cmds
     args = cmds[0][cmds[0].index("launch/preprocess.py") + 1 :]
     rows = [{"query": r["question"], "response": r["answer"]} for r in qa_rows(20)]
     inp = next(a for a in args if a.startswith("input="))[len("input=") :]
-    assert inp.startswith("raw/chatmed/") and inp.endswith(".json"), inp
-    write_jsonl(tmp_path / "raw/chatmed/chatmed.json", rows)
+    assert inp.startswith("data/raw/chatmed/") and inp.endswith(".json"), inp
+    write_jsonl(tmp_path / "data/raw/chatmed/chatmed.json", rows)
     proc = _run(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "data/indexed/report.json").read_text())
@@ -243,7 +243,9 @@ def test_docs_chinese_fields_command(tmp_path, tiny_tokenizer_dir):
     rows = [{"问题": r["question"], "回答": r["answer"]} for r in qa_rows(10)]
     write_jsonl(tmp_path / "data/raw/qa/qa.jsonl", rows)
     (cmd,) = _doc_block(
-        "docs/data.md", "Field names may be Chinese", {"/path/to/qwen2": str(tiny_tokenizer_dir)}
+        "docs/data.md",
+        "Field names may be Chinese",
+        {"tokenizer=models/Qwen2-7B": f"tokenizer={tiny_tokenizer_dir}"},
     )
     proc = _run_doc_command(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -48,11 +48,11 @@ def test_every_problem_of_every_group_is_reported_together():
         "optim.warmup_steps=10",
     ]
     # A model taken from a checkpoint is not checked against the preset's heads here.
-    cfg = _compose(["parallel.tp=4", "init_from=ckpt/some-7b"])
-    ok = validate_run_config(cfg, PretrainConfig, world_size=4)
-    assert ok.parallel.tp == 4 and ok.model.from_checkpoint
-    with pytest.raises(ConfigErrors, match="parallel.tp=4 does not divide"):  # no checkpoint
-        validate_run_config(_compose(["parallel.tp=4"]), PretrainConfig, world_size=4)
+    cfg = _compose(["parallel.tp=3", "init_from=ckpt/some-7b"])
+    ok = validate_run_config(cfg, PretrainConfig, world_size=3)
+    assert ok.parallel.tp == 3 and ok.model.from_checkpoint
+    with pytest.raises(ConfigErrors, match="parallel.tp=3 does not divide"):  # no checkpoint
+        validate_run_config(_compose(["parallel.tp=3"]), PretrainConfig, world_size=3)
 
 
 def test_validation_imports_neither_torch_nor_megatron():
