@@ -36,52 +36,57 @@ def hf_row(sample: dict[str, np.ndarray]) -> dict[str, list[int]]:
     }
 
 
-def blend_order(sizes: Sequence[int], weights: Sequence[float], n: int, seed: int) -> np.ndarray:
-    """``n`` (dataset, sample) pairs drawn from datasets of ``sizes`` in proportion to ``weights``.
+def train_parts(sizes: Sequence[int], split: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Per dataset, its training samples: a seeded permutation cut by ``split`` (train, valid,
+    test proportions), the partition the sharded engine uses."""
+    total = float(sum(split))
+    parts = []
+    for k, n in enumerate(sizes):
+        perm = np.random.default_rng([seed, k, 2**31 - 1]).permutation(n)
+        n_train = n if split[1] == 0 and split[2] == 0 else int(round(n * split[0] / total))
+        parts.append(perm[: max(1, min(n_train, n))])
+    return parts
 
-    Datasets are interleaved as megatron-core's blended dataset does (each draw goes to the
-    dataset furthest behind its share); within a dataset the samples come in a seeded
-    permutation, a new one per epoch, so a dataset smaller than its share is repeated.
-    """
+
+def sample_order(
+    parts: Sequence[np.ndarray], weights: Sequence[float], n: int, seed: int
+) -> np.ndarray:
+    """``n`` (dataset, sample) pairs: draws in proportion to ``weights`` and, within a dataset,
+    its training ``parts`` in a seeded permutation per epoch (a dataset smaller than its share
+    is repeated, reshuffled). The same order as the sharded engine's: megatron-core's greedy
+    blending (each draw goes to the dataset furthest below its share)."""
     w = np.asarray(weights, np.float64)
     w = w / w.sum()
-    counts = np.zeros(len(sizes), np.int64)
-    which = np.empty(n, np.int64)
-    for i in range(n):
-        d = int(np.argmax(w * max(i, 1) - counts))
-        which[i] = d
-        counts[d] += 1
+    counts = np.zeros(len(parts), np.int64)
     out = np.empty((n, 2), np.int64)
-    out[:, 0] = which
-    for d, size in enumerate(sizes):
-        idx = np.flatnonzero(which == d)
-        epochs = -(-idx.shape[0] // size) if idx.shape[0] else 0
-        perm = np.concatenate(
-            [np.random.default_rng([seed, d, e]).permutation(size) for e in range(epochs)]
-            or [np.zeros(0, np.int64)]
-        )
-        out[idx, 1] = perm[: idx.shape[0]]
+    perms: dict[tuple[int, int], np.ndarray] = {}
+    for i in range(n):
+        k = int(np.argmax(w * (i + 1) - counts))
+        nth = int(counts[k])
+        counts[k] += 1
+        part = parts[k]
+        epoch = nth // len(part)
+        if (k, epoch) not in perms:
+            perms[(k, epoch)] = part[np.random.default_rng([seed, k, epoch]).permutation(len(part))]
+        out[i] = (k, perms[(k, epoch)][nth % len(part)])
     return out
 
 
-def _rows(prefixes: list[str], keeps: list[list[int] | None], order: np.ndarray):
+def _rows(prefixes: list[str], order: np.ndarray):
     datasets = [SFTDataset(p) for p in prefixes]
     for d, s in order:
-        keep = keeps[int(d)]
-        yield hf_row(datasets[int(d)][int(s) if keep is None else keep[int(s)]])
+        yield hf_row(datasets[int(d)][int(s)])
 
 
 def ordered_rows(
     prefixes: Sequence[str],
-    keeps: Sequence[Sequence[int] | None],
     order: np.ndarray,
     cache_dir: str | os.PathLike,
 ):
     """A ``datasets.Dataset`` (what TRL's SFTTrainer takes) of the rows of ``order``.
 
-    ``order`` holds (dataset, index) pairs; ``keeps[d]`` maps an index of dataset ``d`` to its
-    sample (its training split), or is None for all samples. The rows are written once as Arrow
-    files under ``cache_dir`` (reused while prefixes, splits and order are the same).
+    ``order`` holds (dataset, sample) pairs (:func:`sample_order`). The rows are written once as
+    Arrow files under ``cache_dir`` (reused while the prefixes and the order are the same).
     """
     import datasets as hfds
 
@@ -98,7 +103,6 @@ def ordered_rows(
         cache_dir=os.fspath(cache_dir),
         gen_kwargs={
             "prefixes": [os.fspath(p) for p in prefixes],
-            "keeps": [None if k is None else list(map(int, k)) for k in keeps],
             "order": np.asarray(order, np.int64),
         },
     )

@@ -109,7 +109,11 @@ def _check(cfg: SFTConfig) -> dict:
             "no SFT data: set data.prefix=<path without .bin/.idx> (launch/preprocess.py "
             "format=sft output) or data.blend=[{prefix: ..., weight: ...}]"
         )
-    entries = [(d.prefix, 1.0)] if d.prefix else [(e["prefix"], float(e.get("weight", 1.0))) for e in d.blend]
+    entries = (
+        [(d.prefix, 1.0)]
+        if d.prefix
+        else [(e["prefix"], float(e.get("weight", 1.0))) for e in d.blend]
+    )
     datasets = []
     for prefix, _ in entries:
         try:
@@ -161,17 +165,6 @@ def _check(cfg: SFTConfig) -> dict:
         "world": world,
         "grad_accum": t.global_batch_size // per_step,
     }
-
-
-def train_split(n: int, split: tuple[float, float, float], seed: int) -> "list[int] | range":
-    """The training samples of a dataset of ``n`` samples under ``split`` (a seeded partition;
-    all samples in order when the split is 100 % train)."""
-    import numpy as np
-
-    if split[0] >= 1.0:
-        return range(n)
-    k = max(1, int(round(split[0] * n)))
-    return sorted(np.random.default_rng([seed, n]).permutation(n)[:k].tolist())
 
 
 # --------------------------------------------------------------------------- optimizer, schedule
@@ -302,7 +295,11 @@ def _trainer_class():
             loss = float(acc[0]) / self.accelerator.num_processes
             self._acc.zero_()
             step = self.state.global_step
-            if self._sink is not None and self._sink.enabled and step > getattr(self, "_logged", -1):
+            if (
+                self._sink is not None
+                and self._sink.enabled
+                and step > getattr(self, "_logged", -1)
+            ):
                 self._logged = step
                 now = time.perf_counter()
                 dt, self._t_last = now - self._t_last, now
@@ -398,7 +395,7 @@ def run(cfg: SFTConfig) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLConfig
 
-    from sfmed.hf_engine.data import blend_order, ordered_rows
+    from sfmed.hf_engine.data import ordered_rows, sample_order, train_parts
     from sfmed.models import arch_from_hf_config
     from sfmed.train.metrics import MetricsSink, flops_per_token, peak_tflops
 
@@ -410,18 +407,11 @@ def run(cfg: SFTConfig) -> str:
     precision = _precision(cfg, cuda)
     rank = int(os.environ.get("RANK", "0"))
 
-    # Data: each dataset's training split, blended by weight, in a seeded order fixed for the
-    # whole run (resuming skips the samples already seen).
-    split = cfg.data.split_weights
-    keeps = [train_split(len(ds), split, t.seed) for ds in plan["datasets"]]
-    n = t.steps * t.global_batch_size
-    order = blend_order([len(k) for k in keeps], plan["weights"], n, t.seed)
-    rows = ordered_rows(
-        [ds.prefix for ds in plan["datasets"]],
-        [None if isinstance(k, range) else k for k in keeps],
-        order,
-        run_dir / "data_cache",
-    )
+    # Data: each dataset's training part, blended by weight, in the sharded engine's seeded
+    # order: step k reads samples [k * global_batch, (k + 1) * global_batch).
+    parts = train_parts([len(ds) for ds in plan["datasets"]], cfg.data.split_weights, t.seed)
+    order = sample_order(parts, plan["weights"], t.steps * t.global_batch_size, t.seed)
+    rows = ordered_rows([ds.prefix for ds in plan["datasets"]], order, run_dir / "data_cache")
 
     tokenizer = AutoTokenizer.from_pretrained(h.model)
     pad_id = cfg.data.pad_id if cfg.data.pad_id is not None else tokenizer.pad_token_id
@@ -526,7 +516,9 @@ def run(cfg: SFTConfig) -> str:
         trainer.accelerator.wait_for_everyone()
     except BaseException as e:
         if rank == 0:
-            _write_status(run_dir, "failed", trainer.state.global_step, t.steps, f"{type(e).__name__}: {e}")
+            _write_status(
+                run_dir, "failed", trainer.state.global_step, t.steps, f"{type(e).__name__}: {e}"
+            )
         raise
     finally:
         signals.restore()
@@ -551,4 +543,4 @@ def _config_dict(cfg) -> dict:
         return {}
 
 
-__all__ = ["MegatronSchedule", "export", "param_groups", "run", "train_split"]
+__all__ = ["MegatronSchedule", "export", "param_groups", "run"]
