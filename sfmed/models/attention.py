@@ -87,7 +87,9 @@ class SDPAttention(MegatronModule):
     ) -> torch.Tensor:
         """``[s, b, np, hn]`` q, ``[s, b, ng, hn]`` k/v → ``[s, b, np * hn]``."""
         if packed_seq_params is not None:
-            raise ValueError("packed sequences need Transformer Engine attention")
+            if attention_bias is not None:
+                raise ValueError("attention_bias is not supported with packed sequences")
+            return packed_attention(self, query, key, value, packed_seq_params)
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SDPAttention")
         sq, b = query.shape[0], query.shape[1]
@@ -155,7 +157,11 @@ class FlashAttention(SDPAttention):
         packed_seq_params=None,
     ):
         """Same contract as :meth:`SDPAttention.forward`; causal masks only."""
-        if not self._is_causal(attention_mask, attn_mask_type) or attention_bias is not None:
+        if (
+            packed_seq_params is not None
+            or not self._is_causal(attention_mask, attn_mask_type)
+            or attention_bias is not None
+        ):
             return super().forward(
                 query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
             )
@@ -169,6 +175,128 @@ class FlashAttention(SDPAttention):
         else:
             out = self._flash(q, k, v, dropout_p, softmax_scale=self.softmax_scale, causal=True)
         return out.transpose(0, 1).reshape(sq, b, self.num_heads * self.head_dim)
+
+
+# -- packed sequences (THD): attention confined to each sequence of the pack ------------------------
+
+
+def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Sequence index of every token of a pack (``cu_seqlens`` = [0, end_0, end_1, ...])."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    ids = torch.arange(lengths.numel(), device=cu_seqlens.device)
+    seg = torch.repeat_interleave(ids, lengths)
+    if seg.numel() != total:
+        raise ValueError(f"cu_seqlens covers {seg.numel()} tokens but the pack holds {total}")
+    return seg
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[t, t]`` bool, True where query ``i`` may attend key ``j``: same sequence, ``j <= i``."""
+    seg = _segment_ids(cu_seqlens, total)
+    pos = torch.arange(total, device=seg.device)
+    return (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
+
+
+_FLEX: dict = {}
+
+
+def _flex_attention(q, k, v, cu_seqlens, scale, gqa):
+    """Document-masked causal attention through FlexAttention (GPU: memory linear in t)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        # Compiled once per process; the eager version materialises the scores.
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    t = q.shape[2]
+    key = (cu_seqlens.data_ptr(), t)
+    if _FLEX.get("mask_key") != key:
+        # One block mask per pack, shared by every layer of the forward (same cu_seqlens tensor).
+        seg = _segment_ids(cu_seqlens, t)
+
+        def doc_causal(b, h, qi, ki):
+            return (seg[qi] == seg[ki]) & (ki <= qi)
+
+        _FLEX["mask"] = create_block_mask(doc_causal, None, None, t, t, device=q.device)
+        _FLEX["mask_key"] = key
+    return _FLEX["fn"](q, k, v, block_mask=_FLEX["mask"], scale=scale, enable_gqa=gqa)
+
+
+def packed_attention(mod: SDPAttention, query, key, value, params) -> torch.Tensor:
+    """Causal attention within each sequence of a THD pack, for :class:`SDPAttention`.
+
+    megatron-core's ``SelfAttention`` hands packed inputs as ``[t, heads, head_dim]`` (batch
+    dimension squeezed, RoPE already applied per sequence through ``cu_seqlens``). Kernels, in
+    order: flash-attn's varlen kernel (CUDA, bf16/fp16, when installed), FlexAttention with a
+    document mask (CUDA, no dropout), else SDPA with a dense block-diagonal causal mask (CPU,
+    and the fallback; memory ``t^2``). Returns ``[t, heads * head_dim]``.
+    """
+    if params.qkv_format != "thd":
+        raise ValueError(f"packed sequences need qkv_format='thd', got {params.qkv_format!r}")
+    cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
+    if cu_kv is not None and cu_kv is not cu_q and not torch.equal(cu_q, cu_kv):
+        raise ValueError("self-attention packs need cu_seqlens_q == cu_seqlens_kv")
+    t = query.shape[0]
+    dropout_p = mod.dropout_p if mod.training else 0.0
+    cuda = query.is_cuda
+    if cuda and query.dtype in (torch.float16, torch.bfloat16) and flash_varlen() is not None:
+        cu = cu_q.to(torch.int32)
+        max_len = params.max_seqlen_q or int((cu[1:] - cu[:-1]).max())
+
+        def varlen():
+            return flash_varlen()(
+                query, key, value, cu, cu, max_len, max_len, dropout_p,
+                softmax_scale=mod.softmax_scale, causal=True,
+            )  # fmt: skip
+
+        out = _with_rng(mod, dropout_p, varlen)
+        return out.reshape(t, mod.num_heads * mod.head_dim)
+    # [t, h, d] -> [1, h, t, d]
+    q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+    gqa = mod.num_heads != mod.num_groups
+    if gqa and not _SDPA_HAS_GQA:
+        rep = mod.num_heads // mod.num_groups
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = False
+    if cuda and dropout_p == 0.0 and _has_flex():
+        context = _flex_attention(q, k, v, cu_q, mod.softmax_scale, gqa)
+    else:
+        mask = block_causal_mask(cu_q, t)
+        kw = {"enable_gqa": True} if gqa else {}
+
+        def dense():
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=mod.softmax_scale, **kw
+            )
+
+        context = _with_rng(mod, dropout_p, dense)
+    # [1, h, t, d] -> [t, h * d]
+    return context[0].permute(1, 0, 2).reshape(t, mod.num_heads * mod.head_dim)
+
+
+def _with_rng(mod, dropout_p, fn):
+    if dropout_p > 0 and not mod.config.sequence_parallel:
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return fn()
+    return fn()
+
+
+def flash_varlen():
+    """flash-attn's ``flash_attn_varlen_func``, or None when flash-attn is not installed."""
+    if "varlen" not in _FLEX:
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            flash_attn_varlen_func = None
+        _FLEX["varlen"] = flash_attn_varlen_func
+    return _FLEX["varlen"]
+
+
+def _has_flex() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _sdpa_has_gqa() -> bool:

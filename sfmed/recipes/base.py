@@ -79,6 +79,11 @@ class Recipe:
         """Tokens per sequence: the model's and the pipeline schedules' sequence length."""
         raise NotImplementedError
 
+    def schedule_shape(self, plan: TrainPlan) -> tuple[int, int]:
+        """(sequence length, micro-batch size) of the activations pipeline stages exchange:
+        ``(plan.seq_length, train.micro_batch_size)`` unless the forward step reshapes the batch."""
+        return plan.seq_length, self.cfg.train.micro_batch_size
+
     def resolve(self, plan: TrainPlan) -> Any:
         """Check this stage's own settings against the plan; return what the build needs
         (stored as ``plan.recipe``). Reads only small files."""

@@ -127,13 +127,16 @@ class StepResult:
 
 
 def _forward_backward(ctx, data_iterators, forward_only: bool):
+    # The recipe says the activation shape between pipeline stages (packed SFT sends a
+    # micro-batch as one [mbs * seq, 1] THD sequence).
+    seq_length, mbs = ctx.recipe.schedule_shape(ctx.plan)
     return ctx.forward_backward(
         forward_step_func=ctx.forward_step,
         data_iterator=data_iterators if len(ctx.model) > 1 else data_iterators[0],
         model=ctx.model,
         num_microbatches=ctx.plan.num_microbatches,
-        seq_length=ctx.plan.seq_length,
-        micro_batch_size=ctx.cfg.train.micro_batch_size,
+        seq_length=seq_length,
+        micro_batch_size=mbs,
         forward_only=forward_only,
     )
 

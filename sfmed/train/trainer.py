@@ -193,6 +193,8 @@ class Trainer:
             "step_time_s": step_time,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_gpu": tokens_per_s / world,
+            # the loss tokens' share of this step applied to the window's throughput
+            "loss_tokens_per_s": tokens_per_s * res.tokens / max(res.throughput_tokens, 1.0),
             "tflops_per_gpu": tflops,
             "tflops_per_gpu_causal": tflops_causal,
             "mfu": tflops / self.peak if self.peak else None,
