@@ -93,7 +93,18 @@ def _check(cfg: SFTConfig) -> dict:
             "parallel=default and `accelerate launch` for several GPUs, or engine=mcore for "
             "tensor/pipeline parallelism"
         )
-    t = cfg.train
+    t, o = cfg.train, cfg.optim
+    decay_steps = o.decay_steps or t.steps
+    if o.warmup_steps >= decay_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} must be smaller than the decay horizon "
+            f"optim.decay_steps={decay_steps} (default: train.steps)"
+        )
+    if t.eval_interval:
+        raise ConfigError(
+            f"train.eval_interval={t.eval_interval}: engine=hf does not run validation; use "
+            "train.eval_interval=0 (or engine=mcore)"
+        )
     if t.precision == "fp8":
         raise ConfigError("train.precision=fp8 needs engine=mcore (Transformer Engine)")
     world = _world_size()

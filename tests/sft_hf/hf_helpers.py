@@ -69,28 +69,51 @@ def model_with_tokenizer(model_dir: Path, tok: Path, out: Path) -> Path:
     return out
 
 
-def engine_cfg(model: Path, prefix: str, run_dir: Path, **over):
-    """An ``engine=hf`` SFTConfig on CPU in fp32 with small, test-sized settings."""
-    from sfmed.config.sft import SFTConfig
+REPO = Path(__file__).resolve().parents[2]
 
-    cfg = SFTConfig(engine="hf", device="cpu", run_name=run_dir.name, ckpt_dir=str(run_dir))
-    cfg.hf.model = str(model)
-    cfg.data.prefix = prefix
-    cfg.data.num_workers = 0
-    cfg.train.steps = 3
-    cfg.train.global_batch_size = 4
-    cfg.train.micro_batch_size = 2
-    cfg.train.precision = "fp32"
-    cfg.optim.lr = 1e-3
-    cfg.optim.min_lr = 1e-4
-    cfg.optim.weight_decay = 0.1
-    for key, value in over.items():
-        obj = cfg
-        *path, last = key.split(".")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return cfg
+# Settings both engines run with in the tests (launch/sft.py overrides).
+COMMON = [
+    "device=cpu",
+    "model=tiny",
+    "data.num_workers=0",
+    "train.precision=fp32",
+    "train.global_batch_size=4",
+    "train.save_interval=0",
+    "optim.lr=1e-3",
+    "optim.min_lr=1e-4",
+    "optim.warmup_steps=2",
+    "optim.clip_grad=1.0",
+    "logging.level=WARNING",
+]
+
+
+def compose_sft(overrides: list[str]):
+    """The typed config ``launch/sft.py`` gets for ``overrides``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sfmed.config.sft import register
+
+    register()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="sft", overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def engine_cfg(model: Path, prefix: str, run_dir: Path, *overrides: str):
+    """An ``engine=hf`` config on CPU in fp32 with the shared test settings."""
+    return compose_sft(
+        [
+            *COMMON,
+            "engine=hf",
+            f"hf.model={model}",
+            f"data.prefix={prefix}",
+            f"ckpt_dir={run_dir}",
+            "train.steps=3",
+            "train.micro_batch_size=2",
+            *overrides,
+        ]
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
