@@ -197,7 +197,8 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 class MegatronSchedule:
     """megatron-core's ``OptimizerParamScheduler`` behind the LR-scheduler interface transformers'
     Trainer calls (``step``, ``get_last_lr``, ``state_dict``), so both engines use one schedule:
-    step ``k`` (1-based) runs at the LR of ``num_steps = k - 1``."""
+    step ``k`` (1-based) runs at the schedule's value at ``k``, as in the sharded engine (which
+    differs from Megatron-LM there: Megatron-LM's first warmup step runs at lr=0)."""
 
     def __init__(self, optimizer, optim_cfg, steps: int):
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -221,6 +222,8 @@ class MegatronSchedule:
             wsd_decay_steps=o.wsd_decay_steps,
             lr_wsd_decay_style="linear",
         )
+        # transformers steps the schedule after each update: the first update runs at k = 1.
+        self.sched.step(1)
 
     def step(self) -> None:
         """Advance one optimizer step."""
@@ -231,7 +234,8 @@ class MegatronSchedule:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        """Steps taken (the schedule's settings come from the config, as in the sharded engine)."""
+        """The schedule's position (its settings come from the config, as in the sharded
+        engine)."""
         return {"num_steps": self.sched.num_steps}
 
     def load_state_dict(self, state: dict) -> None:

@@ -63,20 +63,21 @@ def test_microbatch_split_does_not_change_loss_or_grads(runs):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (name, a["step"])
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), (name, a["step"])
             assert a["tokens"] == b["tokens"]
-    # training moved the loss (lr 0 at step 1 under warmup, then 5e-4)
-    assert ref[2]["loss"] != ref[0]["loss"]
+    assert len({r["loss"] for r in ref}) == 3
 
 
 def test_lr_follows_megatrons_schedule(runs):
-    # warmup 2 steps from 0, then cosine to min_lr over train.steps=3 (step k runs at the LR of
-    # num_steps = k - 1): by hand, megatron-core's formula
+    # warmup 2 steps from 0, then cosine to min_lr over train.steps=3; step k runs at the
+    # schedule's value at k, as the sharded engine does: by hand, megatron-core's formula
     def lr(n, peak=1e-3, low=1e-4, warm=2, decay=3):
         if n <= warm:
             return peak * n / warm
         ratio = (n - warm) / (decay - warm)
         return low + 0.5 * (math.cos(math.pi * ratio) + 1) * (peak - low)
 
-    assert [r["lr"] for r in metrics(runs["mbs2_ga2"])] == pytest.approx([lr(n) for n in range(3)])
+    got = [r["lr"] for r in metrics(runs["mbs2_ga2"])]
+    assert got == pytest.approx([lr(n) for n in (1, 2, 3)])
+    assert got == pytest.approx([5e-4, 1e-3, 1e-4])
 
 
 def test_run_folder_and_export(runs, hf_model):
