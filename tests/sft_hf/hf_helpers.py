@@ -152,3 +152,12 @@ def reference_loss_and_grad(model, prefix: str, samples: list[int]):
         sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)
     )
     return total / count, float(norm), count
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

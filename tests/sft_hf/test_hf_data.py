@@ -9,6 +9,8 @@ from hf_helpers import conversation_pieces
 from sfmed.data.chat.store import SFTDataset
 from sfmed.hf_engine.data import hf_row, ordered_rows, sample_order, train_parts
 
+pytest_plugins = ["hf_fixtures"]
+
 
 def test_rows_carry_the_stored_targets(packed_prefix, unpacked_prefix):
     for prefix in (packed_prefix, unpacked_prefix):

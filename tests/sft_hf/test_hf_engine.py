@@ -17,6 +17,8 @@ from sfmed.data.chat.store import SFTDataset
 from sfmed.hf_engine.data import sample_order, train_parts
 from sfmed.hf_engine.sft import run
 
+pytest_plugins = ["hf_fixtures"]
+
 SPLITS = {"mbs2_ga2": 2, "mbs1_ga4": 1, "mbs4_ga1": 4}
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_helpers import COMMON, REPO, engine_cfg, metrics
+from hf_helpers import COMMON, REPO, engine_cfg, free_port, metrics
 
-from conftest import _free_port
 from sfmed.hf_engine.parity import compare_runs
 from sfmed.hf_engine.sft import run
+
+pytest_plugins = ["hf_fixtures"]
 
 STEPS = 10
 RTOL = 1e-4
@@ -35,7 +36,7 @@ def sharded(nproc: int, prefix: str, init: Path, run_dir: Path, *args: str) -> P
     """``torchrun launch/sft.py`` (engine=mcore) for STEPS steps; its run folder."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
         str(REPO / "launch" / "sft.py"), *COMMON, f"data.prefix={prefix}", f"init_from={init}",
         f"ckpt_dir={run_dir}", f"train.steps={STEPS}", "train.micro_batch_size=2",
         "train.save_final=false", *args,

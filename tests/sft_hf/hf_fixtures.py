@@ -1,5 +1,6 @@
-"""Fixtures of the HF-engine tests: a tiny Qwen2 with the tiny ChatML tokenizer, and a small
-multi-turn SFT set preprocessed packed and unpacked (once per session)."""
+"""Session fixtures of the HF-engine tests, loaded with ``pytest_plugins = ["hf_fixtures"]`` (a
+conftest.py in this folder would shadow tests/conftest.py for other folders' ``from conftest
+import ...``)."""
 
 from __future__ import annotations
 
