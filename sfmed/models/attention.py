@@ -5,6 +5,8 @@ and runs softmax in a separate pass. Without Transformer Engine that is the only
 megatron-core offers; :class:`SDPAttention` plugs PyTorch's ``scaled_dot_product_attention``
 (flash / cuDNN / memory-efficient kernels on GPU, a math fallback on CPU) into the same
 ``core_attention`` slot of the ``ModuleSpec``, and :class:`FlashAttention` the flash-attn package.
+Packed sequences (megatron-core's THD ``PackedSeqParams``, used by SFT) are confined to each
+sequence by :func:`packed_attention`.
 
 Both take the tensors ``SelfAttention`` hands to core attention (``[s, b, heads_per_partition,
 head_dim]`` queries, ``[s, b, groups_per_partition, head_dim]`` keys/values, already rotated by
@@ -157,11 +159,11 @@ class FlashAttention(SDPAttention):
         packed_seq_params=None,
     ):
         """Same contract as :meth:`SDPAttention.forward`; causal masks only."""
-        if (
-            packed_seq_params is not None
-            or not self._is_causal(attention_mask, attn_mask_type)
-            or attention_bias is not None
-        ):
+        if packed_seq_params is not None:
+            if attention_bias is not None:
+                raise ValueError("attention_bias is not supported with packed sequences")
+            return packed_attention(self, query, key, value, packed_seq_params, flash=True)
+        if not self._is_causal(attention_mask, attn_mask_type) or attention_bias is not None:
             return super().forward(
                 query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
             )
@@ -221,14 +223,17 @@ def _flex_attention(q, k, v, cu_seqlens, scale, gqa):
     return _FLEX["fn"](q, k, v, block_mask=_FLEX["mask"], scale=scale, enable_gqa=gqa)
 
 
-def packed_attention(mod: SDPAttention, query, key, value, params) -> torch.Tensor:
+def packed_attention(
+    mod: SDPAttention, query, key, value, params, flash: bool = False
+) -> torch.Tensor:
     """Causal attention within each sequence of a THD pack, for :class:`SDPAttention`.
 
     megatron-core's ``SelfAttention`` hands packed inputs as ``[t, heads, head_dim]`` (batch
-    dimension squeezed, RoPE already applied per sequence through ``cu_seqlens``). Kernels, in
-    order: flash-attn's varlen kernel (CUDA, bf16/fp16, when installed), FlexAttention with a
-    document mask (CUDA, no dropout), else SDPA with a dense block-diagonal causal mask (CPU,
-    and the fallback; memory ``t^2``). Returns ``[t, heads * head_dim]``.
+    dimension squeezed, RoPE already applied per sequence through ``cu_seqlens``). Kernels:
+    ``flash`` (``attention_backend=flash``): flash-attn's varlen kernel on CUDA in bf16/fp16;
+    otherwise FlexAttention with a document mask on CUDA (no dropout; memory linear in ``t``);
+    else, and on CPU, SDPA with a dense block-diagonal causal mask (memory ``t^2``).
+    Returns ``[t, heads * head_dim]``.
     """
     if params.qkv_format != "thd":
         raise ValueError(f"packed sequences need qkv_format='thd', got {params.qkv_format!r}")
@@ -238,7 +243,8 @@ def packed_attention(mod: SDPAttention, query, key, value, params) -> torch.Tens
     t = query.shape[0]
     dropout_p = mod.dropout_p if mod.training else 0.0
     cuda = query.is_cuda
-    if cuda and query.dtype in (torch.float16, torch.bfloat16) and flash_varlen() is not None:
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    if flash and cuda and half and flash_varlen() is not None:
         cu = cu_q.to(torch.int32)
         max_len = params.max_seqlen_q or int((cu[1:] - cu[:-1]).max())
 

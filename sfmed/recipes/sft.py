@@ -329,6 +329,12 @@ class SFTRecipe(Recipe):
             raise ConfigError(
                 f"parallel.cp={self.cfg.parallel.cp}: SFT packs run with context parallelism 1"
             )
+        if plan.impl == "local" and plan.attention == "unfused":
+            raise ConfigError(
+                "model.attention_backend=unfused: megatron's DotProductAttention refuses packed "
+                "sequences; use model.attention_backend=sdpa (or flash, or "
+                "model.transformer_impl=transformer_engine)"
+            )
         if t.eval_interval and d.split_weights[1] == 0:
             raise ConfigError(
                 f"train.eval_interval={t.eval_interval} but data.split={d.split!r} has no "
