@@ -180,13 +180,16 @@ def _check(cfg: SFTConfig) -> dict:
 
 # --------------------------------------------------------------------------- optimizer, schedule
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two AdamW groups: decayed, and not decayed (biases and 1-D
-    weights such as norms, megatron-core's rule); ``wd_mult`` is megatron's per-group factor."""
+    """Trainable parameters in two AdamW groups: decayed, and not decayed (biases and norm
+    weights: megatron-core's rule of no decay for 1-D parameters); ``wd_mult`` is megatron's
+    per-group factor, which its schedule applies."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+        # By name too: a sharded (FSDP) view of a matrix can be 1-D.
+        one_d = p.ndim == 1 or name.endswith(".bias") or "norm." in name
+        (no_decay if one_d else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
         {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
@@ -280,12 +283,45 @@ def _trainer_class():
     class SFMedSFTTrainer(SFTTrainer):
         """TRL's SFTTrainer in the data order given, writing sfmed's per-step records."""
 
-        def __init__(self, *a, sink=None, steps_total=0, flops_per_token=None, peak=None, **kw):
+        def __init__(
+            self,
+            *a,
+            optim_cfg=None,
+            sink=None,
+            steps_total=0,
+            flops_per_token=None,
+            peak=None,
+            capacity=1,
+            **kw,
+        ):
+            self._optim_cfg = optim_cfg
+            self._steps_total = steps_total
             super().__init__(*a, **kw)
+            self._capacity = capacity  # samples x seq_length of a global batch
             self._sink, self._steps_total = sink, steps_total
             self._fpt, self._peak = flops_per_token, peak
             self._acc = torch.zeros(3, dtype=torch.float64)  # loss, supervised, tokens
             self._t_last = time.perf_counter()
+
+        def create_optimizer(self, model=None):
+            # Created by the Trainer after it wrapped the model (DDP / FSDP through accelerate):
+            # AdamW with the sharded engine's settings and weight-decay rule.
+            if self.optimizer is None:
+                o = self._optim_cfg
+                self.optimizer = torch.optim.AdamW(
+                    param_groups(model or self.model, o.weight_decay),
+                    lr=o.lr,
+                    betas=(o.adam_beta1, o.adam_beta2),
+                    eps=o.adam_eps,
+                )
+            return self.optimizer
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = MegatronSchedule(
+                    optimizer or self.optimizer, self._optim_cfg, self._steps_total
+                )
+            return self.lr_scheduler
 
         def _get_train_sampler(self, *a, **kw):
             # The order is fixed by the engine (seeded, the same as the sharded engine's):
@@ -330,10 +366,12 @@ def _trainer_class():
                     "grad_norm": None if grad_norm is None else float(grad_norm),
                     "lr": float(lr),
                     "tokens": int(acc[1]),
-                    "nonpad_tokens": int(acc[2]),
+                    "real_tokens": int(acc[2]),
                     "step_time_s": dt,
                     "tokens_per_s": float(acc[2]) / dt,
-                    "supervised_tokens_per_s": float(acc[1]) / dt,
+                    "loss_tokens_per_s": float(acc[1]) / dt,
+                    "packing_efficiency": float(acc[2]) / self._capacity,
+                    "supervised_fraction": float(acc[1]) / self._capacity,
                 }
                 if self._fpt:
                     tf = self._fpt * float(acc[2]) / dt / self.accelerator.num_processes / 1e12
@@ -452,14 +490,6 @@ def run(cfg: SFTConfig) -> str:
         )
         model = get_peft_model(model, peft_config)
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay),
-        lr=o.lr,
-        betas=(o.adam_beta1, o.adam_beta2),
-        eps=o.adam_eps,
-    )
-    schedule = MegatronSchedule(optimizer, o, t.steps)
-
     args = TRLConfig(
         output_dir=str(run_dir),
         max_steps=t.steps,
@@ -506,12 +536,13 @@ def run(cfg: SFTConfig) -> str:
         args=args,
         train_dataset=rows,
         processing_class=tokenizer,
-        optimizers=(optimizer, schedule),
+        optim_cfg=o,
         callbacks=[signals],
         sink=sink,
         steps_total=t.steps,
         flops_per_token=fpt,
         peak=peak_tflops(precision, cfg.logging.peak_tflops),
+        capacity=t.global_batch_size * seq,
     )
     trainer._log_interval = cfg.logging.interval
     status, reason = "failed", ""

@@ -53,7 +53,11 @@ def test_step_loss_is_the_global_token_mean(runs, hf_model, packed_prefix):
     assert r["loss"] == pytest.approx(loss, rel=1e-5)
     assert r["grad_norm"] == pytest.approx(norm, rel=1e-5)
     ds = SFTDataset(packed_prefix)
-    assert r["nonpad_tokens"] == sum(len(ds[i]["tokens"]) for i in _first_batch(packed_prefix))
+    real = sum(len(ds[i]["tokens"]) for i in _first_batch(packed_prefix))
+    assert r["real_tokens"] == real
+    assert r["packing_efficiency"] == pytest.approx(real / (4 * ds.seq_length))
+    assert r["supervised_fraction"] == pytest.approx(count / (4 * ds.seq_length))
+    assert r["loss_tokens_per_s"] == pytest.approx(r["tokens_per_s"] * count / real)
 
 
 def test_microbatch_split_does_not_change_loss_or_grads(runs):
