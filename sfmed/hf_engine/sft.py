@@ -3,8 +3,8 @@
 What it shares with the sharded engine, so that the two agree step by step (the parity gate):
 
 * the data: the chat datasets of ``launch/preprocess.py format=sft`` (ids + role-span loss
-  mask, packed or not), read by :class:`~sfmed.data.chat.store.SFTDataset`, given to TRL as
-  rows with precomputed labels (``dataset_kwargs.skip_prepare_dataset``), padding-free: position
+  mask, packed or not), resolved, split and ordered by the sharded engine's own code
+  (:mod:`sfmed.recipes.sft`), given to TRL as rows with precomputed labels (``dataset_kwargs.skip_prepare_dataset``), padding-free: position
   ids restart per conversation and transformers builds the block-diagonal mask (eager/SDPA) or
   the varlen boundaries (flash attention) from them;
 * the loss: per-token mean over the supervised tokens of the **global** batch. transformers
@@ -25,6 +25,7 @@ or ``<run>/merged`` (adapters folded into the base weights) and/or ``<run>/adapt
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -62,9 +63,15 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 def _check(cfg: SFTConfig) -> dict:
     """Every check that can fail, before a model or dataset is loaded; returns the plan."""
-    from sfmed.data.chat.store import SFTDataset
-
     h = cfg.hf
+    missing = [
+        m for m in ("trl", "peft", "accelerate", "datasets") if not importlib.util.find_spec(m)
+    ]
+    if missing:
+        raise UserError(
+            f"engine=hf needs {', '.join(missing)}: pip install 'sfmed[hf]' (TRL, PEFT, "
+            "accelerate, datasets)"
+        )
     if not h.model:
         raise ConfigError(
             "engine=hf needs hf.model=<Hugging Face folder> (launch/convert.py to=hf output or any "
@@ -114,40 +121,13 @@ def _check(cfg: SFTConfig) -> dict:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x {world} processes"
         )
-    d = cfg.data
-    if d.prefix is None and not d.blend:
-        raise ConfigError(
-            "no SFT data: set data.prefix=<path without .bin/.idx> (launch/preprocess.py "
-            "format=sft output) or data.blend=[{prefix: ..., weight: ...}]"
-        )
-    entries = (
-        [(d.prefix, 1.0)]
-        if d.prefix
-        else [(e["prefix"], float(e.get("weight", 1.0))) for e in d.blend]
-    )
-    datasets = []
-    for prefix, _ in entries:
-        try:
-            ds = SFTDataset(prefix)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data: {e}") from None
-        if d.mask is not None and ds.meta.get("mask") not in (None, d.mask):
-            raise ConfigError(
-                f"data.mask={d.mask} but {prefix} was prepared with mask={ds.meta.get('mask')}"
-            )
-        if d.packed is not None and bool(ds.meta.get("pack", d.packed)) != d.packed:
-            raise ConfigError(f"data.packed={d.packed} but {prefix} has pack={ds.meta.get('pack')}")
-        if d.seq_length is not None and d.seq_length < ds.seq_length:
-            raise ConfigError(
-                f"data.seq_length={d.seq_length} is below the {ds.seq_length} {prefix} was "
-                "prepared for; use null or a larger value"
-            )
-        if len(ds) == 0:
-            raise ConfigError(f"data: {prefix} holds no samples")
-        datasets.append(ds)
-    train_w = d.split_weights[0]
-    if train_w <= 0:
-        raise ConfigError(f"data.split={d.split!r} leaves no training samples")
+    # The sharded engine's data resolution: every dataset checked against its sidecar (kind,
+    # sequence length, mask mode, packing, the tokenizer's vocabulary against the model's).
+    from sfmed.recipes.sft import resolve_data
+
+    hf_cfg = json.loads((Path(h.model) / "config.json").read_text(encoding="utf-8"))
+    vocab = hf_cfg.get("vocab_size") or (hf_cfg.get("text_config") or {}).get("vocab_size")
+    data = resolve_data(cfg, vocab_size=int(vocab) if vocab else None)
     run_dir = Path(cfg.ckpt_dir)
     ckpts = _checkpoints(run_dir)
     resume_from = None
@@ -169,8 +149,7 @@ def _check(cfg: SFTConfig) -> dict:
     for name in t.exit_signals:
         signal.Signals[name]  # validated by the schema; raises on typos of programmatic configs
     return {
-        "datasets": datasets,
-        "weights": [w for _, w in entries],
+        "data": data,
         "run_dir": run_dir,
         "resume_from": resume_from,
         "world": world,
@@ -448,7 +427,7 @@ def run(cfg: SFTConfig) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLConfig
 
-    from sfmed.hf_engine.data import ordered_rows, sample_order, train_parts
+    from sfmed.hf_engine.data import ordered_rows
     from sfmed.models import arch_from_hf_config
     from sfmed.train.metrics import MetricsSink, flops_per_token, peak_tflops
 
@@ -460,16 +439,19 @@ def run(cfg: SFTConfig) -> str:
     precision = _precision(cfg, cuda)
     rank = int(os.environ.get("RANK", "0"))
 
-    # Data: each dataset's training part, blended by weight, in the sharded engine's seeded
-    # order: step k reads samples [k * global_batch, (k + 1) * global_batch).
-    parts = train_parts([len(ds) for ds in plan["datasets"]], cfg.data.split_weights, t.seed)
-    order = sample_order(parts, plan["weights"], t.steps * t.global_batch_size, t.seed)
-    rows = ordered_rows([ds.prefix for ds in plan["datasets"]], order, run_dir / "data_cache")
+    # Data: the sharded engine's training samples in its seeded order: step k reads samples
+    # [k * global_batch, (k + 1) * global_batch), the same in both engines.
+    from sfmed.recipes.sft import SFTSamples, split_parts
+
+    data = plan["data"]
+    parts, _ = split_parts(data, cfg.data.split_weights, t.seed)
+    samples = SFTSamples(data, parts, t.steps * t.global_batch_size, t.seed)
+    rows = ordered_rows(samples, run_dir / "data_cache")
 
     tokenizer = AutoTokenizer.from_pretrained(h.model)
-    pad_id = cfg.data.pad_id if cfg.data.pad_id is not None else tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
+    if tokenizer.pad_token is None:
+        # Rows are not padded (padding-free); TRL's collator still wants a pad token.
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(data.pad_id))
     # Master weights in fp32 (as the sharded engine); bf16/fp16 run as autocast.
     model = AutoModelForCausalLM.from_pretrained(
         h.model, dtype=torch.float32, attn_implementation=h.attn_implementation
@@ -515,11 +497,10 @@ def run(cfg: SFTConfig) -> str:
         average_tokens_across_devices=True,
         dataloader_drop_last=True,
         dataloader_num_workers=cfg.data.num_workers,
-        pad_token=tokenizer.convert_ids_to_tokens(int(pad_id)),
         gradient_checkpointing=h.gradient_checkpointing,
     )
     arch = arch_from_hf_config(h.model)
-    seq = cfg.data.seq_length or plan["datasets"][0].seq_length
+    seq = data.seq_length
     fpt = flops_per_token(arch, seq, arch.vocab_size, causal=False)
     sink = MetricsSink(
         run_dir,

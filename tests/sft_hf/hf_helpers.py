@@ -161,3 +161,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def first_samples(prefix: str, n: int, seed: int = 1234) -> list[int]:
+    """The first ``n`` samples of a one-dataset run, recomputed from the documented order: the
+    training part is a seeded permutation, drawn in a seeded permutation per epoch."""
+    from sfmed.data.chat.store import SFTDataset
+
+    total = len(SFTDataset(prefix))
+    assert n <= total
+    part = np.random.default_rng([seed, 0, 2**31 - 1]).permutation(total)
+    return part[np.random.default_rng([seed, 0, 0]).permutation(total)][:n].tolist()
+
+
+def sample_stream(model: Path, prefix: str, n: int):
+    """The sharded engine's training samples of a one-dataset run (``SFTSamples``)."""
+    from sfmed.recipes.sft import SFTSamples, resolve_data, split_parts
+
+    cfg = engine_cfg(model, prefix, Path("unused"))
+    data = resolve_data(cfg)
+    parts, _ = split_parts(data, cfg.data.split_weights, cfg.train.seed)
+    return SFTSamples(data, parts, n, cfg.train.seed)

@@ -10,11 +10,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from hf_helpers import engine_cfg, metrics, reference_loss_and_grad
+from hf_helpers import engine_cfg, first_samples, metrics, reference_loss_and_grad
 
 from sfmed.core.errors import ConfigError, UserError
 from sfmed.data.chat.store import SFTDataset
-from sfmed.hf_engine.data import sample_order, train_parts
 from sfmed.hf_engine.sft import run
 
 pytest_plugins = ["hf_fixtures"]
@@ -38,9 +37,8 @@ def runs(hf_model, packed_prefix, tmp_path_factory):
     return out
 
 
-def _first_batch(prefix: str, seed: int = 1234) -> list[int]:
-    parts = train_parts([len(SFTDataset(prefix))], (100, 0, 0), seed)
-    return sample_order(parts, [1.0], 4, seed)[:, 1].tolist()
+def _first_batch(prefix: str) -> list[int]:
+    return first_samples(prefix, 4)
 
 
 def test_step_loss_is_the_global_token_mean(runs, hf_model, packed_prefix):
@@ -129,7 +127,7 @@ def test_per_microbatch_normalisation_is_caught(hf_model, unpacked_prefix, tmp_p
     assert abs(got - loss) > 3e-4 * loss
 
 
-def test_config_errors_before_work(hf_model, packed_prefix, tmp_path):
+def test_config_errors_before_work(hf_model, packed_prefix, tmp_path, monkeypatch):
     def cfg(*o, model=hf_model, prefix=packed_prefix):
         return engine_cfg(model, prefix, tmp_path / "r", *o)
 
@@ -138,20 +136,23 @@ def test_config_errors_before_work(hf_model, packed_prefix, tmp_path):
         (cfg("hf.model=null"), r"engine=hf needs hf.model"),
         (cfg(f"init_from={tmp_path}"), r"init_from=.*drop init_from"),
         (cfg("parallel.tp=2"), r"data parallel only.*accelerate launch"),
-        (cfg("train.global_batch_size=3"), r"not divisible by train.micro_batch_size=2"),
         (cfg("data.prefix=null"), r"no SFT data"),
-        (cfg(prefix=str(tmp_path / "nodata")), r"not a complete chat dataset"),
+        (cfg(prefix=str(tmp_path / "nodata")), r"data.prefix=.*not a complete SFT dataset"),
         (cfg("optim.warmup_steps=3"), r"optim.warmup_steps=3 must be smaller"),
         (cfg("train.eval_interval=5"), r"does not run validation"),
         (cfg("hf.export=all"), r"hf.export='all'"),
-        (cfg("data.seq_length=64"), r"data.seq_length=64 is below the 256"),
-        (cfg("data.packed=false"), r"data.packed=False"),
+        (cfg("data.seq_length=64"), r"chat.seq_length=256 > data.seq_length=64"),
+        (cfg("data.packed=false"), r"chat.pack=true, not data.packed=false"),
         (cfg("hf.lora.enabled=true", "hf.lora.r=0"), r"hf.lora: r=0"),
         (cfg("train.precision=fp8"), r"fp8 needs engine=mcore"),
     ]
     for c, match in cases:
         with pytest.raises(ConfigError, match=match):
             run(c)
+    with monkeypatch.context() as m:  # 3 processes (accelerate launch) cannot split 4 by 2
+        m.setenv("WORLD_SIZE", "3")
+        with pytest.raises(ConfigError, match=r"micro_batch_size=2 x 3 processes"):
+            run(cfg())
     assert not (tmp_path / "r").exists()  # nothing written
     (tmp_path / "r" / "checkpoint-2").mkdir(parents=True)
     (tmp_path / "r" / "checkpoint-2" / "trainer_state.json").write_text("{}")
