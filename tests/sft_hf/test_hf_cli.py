@@ -76,7 +76,7 @@ def test_cli_interrupt_resume_and_errors(hf_model, packed_prefix, tmp_path):
 def test_data_parallel_matches_one_process(hf_model, packed_prefix, tmp_path):
     """Two processes (gloo DDP through accelerate, as ``accelerate launch`` starts them) x mbs=1
     x 2 micro-batches give the one-process losses and grad norms: the token count is global."""
-    args = ["train.steps=2", "train.micro_batch_size=1", "train.save_final=false"]
+    args = ["train.steps=3", "train.micro_batch_size=1", "train.save_final=false"]
     p = sft_hf(hf_model, packed_prefix, tmp_path / "dp2", *args, nproc=2)
     assert p.returncode == 0, p.stderr[-6000:]
     assert run(engine_cfg(hf_model, packed_prefix, tmp_path / "one", *args)) == "complete"
