@@ -41,6 +41,7 @@ def _first_batch(prefix: str) -> list[int]:
     return first_samples(prefix, 4)
 
 
+@pytest.mark.slow  # three engine runs, shared
 def test_step_loss_is_the_global_token_mean(runs, hf_model, packed_prefix):
     from transformers import AutoModelForCausalLM
 
@@ -58,6 +59,7 @@ def test_step_loss_is_the_global_token_mean(runs, hf_model, packed_prefix):
     assert r["loss_tokens_per_s"] == pytest.approx(r["tokens_per_s"] * count / real)
 
 
+@pytest.mark.slow  # three engine runs, shared
 def test_microbatch_split_does_not_change_loss_or_grads(runs):
     ref = metrics(runs["mbs2_ga2"])
     assert [r["step"] for r in ref] == [1, 2, 3]
@@ -70,6 +72,7 @@ def test_microbatch_split_does_not_change_loss_or_grads(runs):
     assert len({r["loss"] for r in ref}) == 3
 
 
+@pytest.mark.slow  # three engine runs, shared
 def test_lr_follows_megatrons_schedule(runs):
     # warmup 2 steps from 0, then cosine to min_lr over train.steps=3; step k runs at the
     # schedule's value at k, as the sharded engine does: by hand, megatron-core's formula
@@ -84,6 +87,7 @@ def test_lr_follows_megatrons_schedule(runs):
     assert got == pytest.approx([5e-4, 1e-3, 1e-4])
 
 
+@pytest.mark.slow  # three engine runs, shared
 def test_run_folder_and_export(runs, hf_model):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,6 +112,7 @@ def test_run_folder_and_export(runs, hf_model):
     assert {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s"} <= keys
 
 
+@pytest.mark.slow
 def test_per_microbatch_normalisation_is_caught(hf_model, unpacked_prefix, tmp_path, monkeypatch):
     """Without the global token count, transformers averages per micro-batch (the gradient-
     accumulation bug): the step loss no longer equals the global token mean."""
