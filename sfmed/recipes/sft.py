@@ -52,7 +52,8 @@ def loss_func(loss_mask: torch.Tensor, real: torch.Tensor, output_tensor: torch.
     loss = torch.sum(losses * mask)
     count = mask.sum().to(torch.int)
     report = torch.stack([loss.detach(), count.float()])
-    tokens = torch.stack([real.float().sum(), torch.tensor(float(mask.numel()))]).to(report.device)
+    capacity = torch.tensor(float(mask.numel()), device=report.device)
+    tokens = torch.stack([real.float().sum().to(report.device), capacity])
     return loss, count, {"lm loss": report, "tokens": tokens}
 
 

@@ -49,6 +49,37 @@ def test_block_causal_mask_by_hand():
         block_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 6)
 
 
+def test_packed_attention_equals_each_sequence_alone():
+    """CPU kernel (dense block-diagonal mask, GQA 4 heads / 2 groups) vs causal SDPA per
+    sequence; the output is [t, heads * head_dim] as megatron's THD path expects."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from sfmed.models.attention import packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 1, 9, 3]
+    t, h, kv, d = sum(lens), 4, 2, 8
+    q = torch.randn(t, h, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(t, kv, d, generator=g, dtype=torch.float64) for _ in range(2))
+    cu = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
+    mod = SimpleNamespace(dropout_p=0.0, training=False, num_heads=h, num_groups=kv, head_dim=d,
+                          softmax_scale=0.3)  # fmt: skip
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=9, max_seqlen_kv=9)  # fmt: skip
+    out = packed_attention(mod, q, k, v, params)
+    assert out.shape == (t, h * d)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs = q[a:b].permute(1, 0, 2)[None]
+        ks, vs = (x[a:b].permute(1, 0, 2)[None].repeat_interleave(2, dim=1) for x in (k, v))
+        ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=0.3)
+        assert torch.allclose(out[a:b], ref[0].permute(1, 0, 2).reshape(b - a, h * d), atol=1e-12)
+    with pytest.raises(ValueError, match="qkv_format='thd'"):
+        packed_attention(mod, q, k, v, PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu))
+
+
 def test_packed_seq_params_from_positions():
     from sfmed.recipes.sft import packed_seq_params
 

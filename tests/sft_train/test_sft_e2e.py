@@ -77,7 +77,8 @@ def test_convert_pretrain_sft_tp2pp2_export_generate(tmp_path, tiny_tokenizer_di
     b.finalize(corpus + ".idx")
     cpt = tmp_path / "cpt"
     _run([str(REPO / "launch/pretrain.py"), *COMMON, "parallel.tp=2", f"data.prefix={corpus}",
-          "data.seq_length=64", "data.num_workers=0", f"init_from={tmp_path / 'mcore'}",
+          "data.seq_length=64", "data.num_workers=0", "data.split=100/0/0",
+          f"init_from={tmp_path / 'mcore'}",
           f"ckpt_dir={cpt}", "train.steps=4", "train.global_batch_size=4",
           "train.save_interval=0", "optim.lr=1e-3", "optim.warmup_steps=1"],
          "pretrain", nproc=2)  # fmt: skip
