@@ -59,7 +59,14 @@ setup(
             "rouge-chinese>=1.0.3",
             # the DPO losses are checked against TRL's own DPOTrainer loss code
             "trl>=1.16,<2",
+            # the HF SFT engine's tests (the [hf] extra)
+            "peft>=0.17",
+            "accelerate>=1.10",
+            "datasets>=3.0",
         ],
+        # The HF SFT engine (launch/sft.py engine=hf): TRL's SFTTrainer (its padding-free collator
+        # and fused loss as of 1.16), PEFT LoRA, accelerate for several GPUs.
+        "hf": ["trl>=1.16,<2", "peft>=0.17", "accelerate>=1.10", "datasets>=3.0"],
         # Optional accelerators: detected at run time, never required. Transformer Engine in the
         # range megatron-core 0.16 declares (older TE fails FP8 recipes at the first forward).
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn>=2.6"],

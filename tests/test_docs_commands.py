@@ -45,6 +45,7 @@ COMPOSE = [
     (r"--nproc_per_node[ =](8|16|32|64)", "needs a multi-GPU node"),
     (r"model=(qwen2|qwen2_5|qwen3|llama2|baichuan)\S*_\d", "needs a full-size model and GPUs"),
     (r"\bsources=\[", "needs the user's corpora (conf/sources/*.yaml name the published files)"),
+    (r"^accelerate launch ", "needs GPUs (one process per GPU)"),
 ]
 
 # Env-only lines (``M=/ckpt/x``, ``export X=...``) set variables for the rest of the block.
@@ -136,6 +137,8 @@ def _as_written_problems(cmd: str) -> list[str]:
 def _compose_only(cmd: str) -> list[str]:
     """The Hydra entry's arguments with ``--cfg job`` (no run), launched with this Python."""
     args = shlex.split(cmd)
+    if args[:2] == ["accelerate", "launch"]:
+        args = ["torchrun", *args[2:]]
     if args[0] == "torchrun":
         args = args[1:]
         while args and args[0].startswith("--"):

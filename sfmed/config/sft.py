@@ -108,6 +108,11 @@ class HFEngineConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     export: str = "merged"
     """What the run writes at the end with LoRA: ``merged`` | ``adapter`` | ``both``."""
+    attn_implementation: str = "sdpa"
+    """transformers attention: ``sdpa`` / ``eager`` (packed samples get a block-diagonal mask)
+    or ``flash_attention_2`` (varlen kernels, memory-linear; GPU with flash-attn installed)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward (transformers gradient checkpointing)."""
 
 
 @dataclass
