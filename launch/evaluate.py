@@ -10,13 +10,10 @@ Tasks, data formats, prompt presets and suites: docs/evaluation.md.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from sfmed.config.eval import EvalConfig, register
 from sfmed.core.cli import run_cli

@@ -17,8 +17,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
 from sfmed.config.data import check_source_overrides, register
 from sfmed.core.cli import run_cli
 from sfmed.core.logging import setup_logging
