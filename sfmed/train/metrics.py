@@ -200,9 +200,12 @@ class Progress:
         self.t0 = self._clock()
         self.tokens = 0.0
         self.live = None
-        if not enabled:
+        if not enabled or (console is None and not sys.stderr.isatty()):
+            return  # plain step lines (Slurm logs, pipes); rich is not even imported
+        try:
+            from rich.console import Console
+        except ImportError:  # optional on a minimal GPU install: plain lines instead
             return
-        from rich.console import Console
 
         console = console or Console(stderr=True)
         if not console.is_terminal:
