@@ -189,15 +189,31 @@ def _corpus(root: Path) -> str:
 
 
 def _job_state(job: str, env) -> str:
-    return _sh(["squeue", "-h", "-j", job, "-o", "%T"], env=env).stdout.strip()
+    """The job's state, "" once it has left the queue.
+
+    A loaded controller answers squeue with an error now and then ("Socket timed out"); that is
+    not "the job is gone", so ask again rather than read an empty answer as finished.
+    """
+    for _ in range(30):
+        r = _sh(["squeue", "-h", "-j", job, "-o", "%T"], env=env)
+        if r.returncode == 0:
+            return r.stdout.strip()
+        if "Invalid job id" in r.stderr:
+            return ""  # purged from the controller's memory: it has ended
+        time.sleep(1)
+    raise AssertionError(f"squeue keeps failing for job {job}: {r.stderr.strip()[-500:]}")
 
 
-def _wait(pred, timeout, what, log: Path):
+def _wait(pred, timeout, what, log: Path, env=None):
     deadline = time.time() + timeout
     while not pred():
         if time.time() > deadline:
             tail = log.read_text()[-3000:] if log.is_file() else "(no job log)"
-            raise AssertionError(f"timed out waiting for {what}; job log:\n{tail}")
+            ctld = ""
+            if env is not None:  # the controller's view says why a job did not (re)start
+                ctld_log = Path(env["SLURM_CONF"]).parent / "log" / "slurmctld.log"
+                ctld = "\nslurmctld log:\n" + ctld_log.read_text()[-3000:]
+            raise AssertionError(f"timed out waiting for {what}; job log:\n{tail}{ctld}")
         time.sleep(0.5)
 
 
@@ -237,9 +253,12 @@ def test_sbatch_trains_checkpoints_requeues_and_resumes(slurm, tmp_path):
         saved = int((run / "latest_checkpointed_iteration.txt").read_text())
         assert saved == status["iteration"]
         # A requeued job waits ~2 minutes (BeginTime); release it now.
-        _wait(lambda: _job_state(job, slurm) == "PENDING", 60, "the requeued job", log)
+        _wait(lambda: _job_state(job, slurm) == "PENDING", 60, "the requeued job", log, slurm)
         _sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm)
-        _wait(lambda: _job_state(job, slurm) == "", 300, "the resumed job to finish", log)
+        # Done means the batch script's last line, not an empty squeue answer.
+        _wait(lambda: "run status: complete" in log.read_text(), 400,
+              "the resumed job to finish", log, slurm)  # fmt: skip
+        _wait(lambda: _job_state(job, slurm) in ("", "COMPLETED"), 60, "the job to end", log, slurm)
     finally:
         if _job_state(job, slurm):
             _sh(["scancel", job], env=slurm)
