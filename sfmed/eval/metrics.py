@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rapidfuzz.distance import LCSseq
-from rouge_score import rouge_scorer, scoring
-from rouge_score.tokenizers import Tokenizer
 from sacrebleu.metrics import BLEU
+
+# rouge-score is imported where it is used: it imports nltk (~3 s), which every evaluation
+# process would otherwise pay for, ROUGE or not.
 
 TOKENIZERS = ("char", "jieba")
 
@@ -49,20 +50,22 @@ class PRF:
     f: float
 
 
-class _GivenTokens(Tokenizer):
-    """``rouge-score`` tokenizer for input that sfmed has already tokenised: tokens pass as they are.
-
-    The default tokenizer would lowercase and replace everything outside ``[a-z0-9]`` (all
-    Chinese) with spaces; this one changes nothing, so ``RougeScorer`` sees exactly our tokens.
-    """
-
-    def tokenize(self, text: Sequence[str]) -> list[str]:
-        return list(text)
-
-
 @functools.cache
-def _rouge_n_scorer(n: int) -> rouge_scorer.RougeScorer:
-    return rouge_scorer.RougeScorer([f"rouge{n}"], tokenizer=_GivenTokens())
+def _rouge_n_scorer(n: int):
+    from rouge_score import rouge_scorer
+    from rouge_score.tokenizers import Tokenizer
+
+    class GivenTokens(Tokenizer):
+        """``rouge-score`` tokenizer for input sfmed has already tokenised: tokens pass as they are.
+
+        The default tokenizer would lowercase and replace everything outside ``[a-z0-9]`` (all
+        Chinese) with spaces; this one changes nothing, so ``RougeScorer`` sees exactly our tokens.
+        """
+
+        def tokenize(self, text: Sequence[str]) -> list[str]:
+            return list(text)
+
+    return rouge_scorer.RougeScorer([f"rouge{n}"], tokenizer=GivenTokens())
 
 
 def rouge_n(hyp: Sequence[str], ref: Sequence[str], n: int) -> PRF:
@@ -83,6 +86,8 @@ def rouge_l(hyp: Sequence[str], ref: Sequence[str]) -> PRF:
     if not hyp or not ref:
         return PRF(0.0, 0.0, 0.0)
     lcs = lcs_length(hyp, ref)
+    from rouge_score import scoring
+
     p, r = lcs / len(hyp), lcs / len(ref)
     return PRF(p, r, scoring.fmeasure(p, r))
 
