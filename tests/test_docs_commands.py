@@ -38,6 +38,7 @@ SKIP = [
     (r"^tail -f", "follows a live log"),
     (r"(^|\s)(launch/slurm/submit\.sh|sbatch)\s", "needs Slurm: tests/train/test_slurm.py runs the scripts on a real single-node Slurm"),
     (r"tests/benchmarks/", "benchmark: minutes of machine time, run by hand"),
+    (r"tests/gpu/run_all\.sh", "needs a CUDA device (tests/gpu/test_card.py checks the card on CPU)"),
 ]  # fmt: skip
 
 # (pattern, reason): commands whose config is composed (groups and keys resolved) but not run.

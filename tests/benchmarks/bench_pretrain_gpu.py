@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # sfmed from this checkout, installed or not
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_common import available, environment, run_training, torchrun
+
+from sfmed.core.ports import free_port
 
 SHAPES = {
     "1.5b": ["model=qwen2_1_5b"],
@@ -69,12 +68,6 @@ SEQ = 4096
 TOKENS_PER_STEP = 64 * 1024  # global batch = 16 sequences of 4096
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_corpus(path: Path, sequences: int, vocab: int) -> str:
     """Random-token indexed dataset (megatron's builder): one document per sequence."""
     import numpy as np
@@ -98,65 +91,15 @@ def run_config(
     mbs = int(name.split("mbs")[1].split("-")[0])
     gbs = TOKENS_PER_STEP // SEQ
     args = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-        f"--master_port={_port()}", str(REPO / "launch/pretrain.py"), "device=cuda",
+        *torchrun("pretrain.py", free_port()), "device=cuda",
         "train.precision=bf16", *SHAPES[shape], *CONFIGS[name], f"data.prefix={corpus}",
         f"data.seq_length={SEQ}", "data.num_workers=2", "data.split=100/0/0",
         f"train.steps={steps}", f"train.global_batch_size={max(gbs, mbs)}",
         "train.save_interval=0", "train.save_final=false", "optim.warmup_steps=1",
         "optim.spike_action=null", "logging.level=WARNING", f"ckpt_dir={run}",
     ]  # fmt: skip
-    t0 = time.time()
-    try:
-        proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"shape": shape, "config": name, "error": f"timed out after {timeout} s"}
-    out = {"shape": shape, "config": name, "wall_s": round(time.time() - t0, 1)}
-    metrics = run / "metrics.jsonl"
-    if proc.returncode != 0 or not metrics.is_file():
-        err = proc.stderr
-        out["error"] = "OOM" if "out of memory" in err.lower() else err.strip()[-400:]
-        return out
-    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
-    steady = [r for r in recs if r["step"] > warmup] or recs
-    for key in ("tokens_per_s", "tflops_per_gpu", "mfu", "mfu_causal", "step_time_s"):
-        vals = [r[key] for r in steady if r.get(key) is not None]
-        out[key] = statistics.median(vals) if vals else None
-    out["mem_gb"] = max(r.get("mem_alloc_gb", 0) for r in recs)
-    out["final_loss"] = recs[-1]["loss"]
-    return out
-
-
-def available() -> dict[str, tuple[bool, str]]:
-    """Whether each optional package imports (the same detection the trainer's plan uses)."""
-    from sfmed.models.specs import flash_attn_status, te_available
-
-    te = te_available()
-    return {
-        "flash_attn": flash_attn_status(),
-        "transformer_engine": (
-            te,
-            "imports" if te else "transformer_engine.pytorch does not import",
-        ),
-    }
-
-
-def environment() -> dict:
-    """Device and versions, recorded with the numbers."""
-    import megatron.core
-    import torch
-
-    from sfmed.models.specs import te_version
-
-    have = available()
-    return {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "megatron_core": megatron.core.__version__,
-        "transformer_engine": te_version() if have["transformer_engine"][0] else None,
-        "flash_attn": have["flash_attn"][0],
-    }
+    keys = ("tokens_per_s", "tflops_per_gpu", "mfu", "mfu_causal", "step_time_s")
+    return {"shape": shape, "config": name, **run_training(args, run, warmup, keys, timeout)}
 
 
 def quick_configs(have: dict[str, tuple[bool, str]]) -> list[str]:
