@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from sfmed.core.errors import ConfigError
 
 FORMATS = ("pretrain", "sft", "preference")
-CHAT_FORMATS = ("auto", "chatml")
+# The names of sfmed.data.chat.formats.FORMATS (a test checks they agree; listed here so that the
+# schema imports nothing).
+CHAT_FORMATS = ("auto", "chatml", "llama2", "chinese_alpaca", "ziya", "chimed", "baichuan")
 MASK_MODES = ("all", "last")
 OVERFLOW = ("truncate", "drop")
 
@@ -79,12 +81,17 @@ class ChatDataConfig:
     """Run-wide settings of ``format=sft|preference`` (``chat.*`` on the command line)."""
 
     template: str = "auto"
-    """Chat format: ``auto`` (recognised from the tokenizer's ``chat_template``; the rendering is
-    checked against ``apply_chat_template`` before any work) | ``chatml`` (Qwen2)."""
+    """Chat format: ``auto`` (recognised from the tokenizer's ``chat_template``, else the default
+    of the model family whose ``config.json`` sits beside the tokenizer; a rendering is checked
+    against the tokenizer's ``apply_chat_template`` before any work) | ``chatml`` (Qwen2/2.5/3) |
+    ``llama2`` (LLaMA-2-chat ``[INST]``) | ``chinese_alpaca`` (Chinese-Alpaca, QiZhenGPT) |
+    ``ziya`` (``<human>:``/``<bot>:``) | ``chimed`` (ChiMed-GPT ``[human]:``/``[bot]:``) |
+    ``baichuan`` (Baichuan-13B-Chat, DISC-MedLLM: reserved ids 195/196)."""
 
     system_prompt: str | None = None
     """System prompt for conversations without one; ``null`` = the template's default (ChatML:
-    ``You are a helpful assistant.``); ``""`` = an empty system turn."""
+    ``You are a helpful assistant.``; chinese_alpaca: the Alpaca preamble; others: none);
+    ``""`` = an empty system turn."""
 
     seq_length: int = 4096
     """Longest sequence (tokens) training sees: a conversation, a preference pair's side, or a

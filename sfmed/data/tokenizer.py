@@ -58,6 +58,45 @@ class Tokenizer:
 
     info: TokenizerInfo
     _encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] = field(repr=False)
+    _vocab: Any = field(default=None, repr=False)  # the reference library's tokenizer
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+    def _ref(self):
+        if self._vocab is None:  # gigatoken loaded: the reference library for look-ups
+            self._vocab = _load_hf(Path(self.info.path))
+        return self._vocab
+
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` as one vocabulary entry (special/added tokens included), or None."""
+        ref = self._ref()
+        if self.info.kind == "sentencepiece":
+            i = ref.piece_to_id(token)
+            return i if ref.id_to_piece(i) == token else None
+        return ref.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        """The token string of id ``i``, or None when out of range."""
+        ref = self._ref()
+        if self.info.kind == "sentencepiece":
+            return ref.id_to_piece(i) if 0 <= i < ref.get_piece_size() else None
+        return ref.id_to_token(i)
+
+    def char_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Ids of ``text`` (reference library) and the character offset where each token ends."""
+        ref = self._ref()
+        if self.info.kind == "sentencepiece":
+            pieces = ref.encode(text, return_type="proto").pieces
+            # sentencepiece's offsets are UTF-8 byte offsets: map them to characters.
+            char_at = np.zeros(len(text.encode("utf-8")) + 1, np.int64)
+            pos = 0
+            for k, ch in enumerate(text):
+                n = len(ch.encode("utf-8"))
+                char_at[pos + 1 : pos + n + 1] = k + 1
+                pos += n
+            return [p.id for p in pieces], [int(char_at[p.end]) for p in pieces]
+        enc = ref.encode(text, add_special_tokens=False)
+        return list(enc.ids), [e for _, e in enc.offsets]
 
     def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Encode ``texts``; return the ids of all documents back to back and the ``len+1``
@@ -83,13 +122,13 @@ def _awkward_flat(arr) -> tuple[np.ndarray, np.ndarray]:
     return data[start:stop], offsets - start if start else offsets
 
 
-def _hf_eos_token(path: Path) -> str | None:
+def _hf_eos_token(path: Path, key: str = "eos_token") -> str | None:
     d = path if path.is_dir() else path.parent
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         f = d / name
         if f.is_file():
             try:
-                eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token")
+                eos = json.loads(f.read_text(encoding="utf-8")).get(key)
             except (OSError, json.JSONDecodeError):
                 continue
             if isinstance(eos, dict):
@@ -254,7 +293,14 @@ def load_tokenizer(
         eod_token=str(eod_token),
         fallback_reason=fallback,
     )
-    return Tokenizer(info=info, _encode=enc)
+    if kind == "sentencepiece":
+        bos = sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None
+        eos = sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None
+    else:
+        bos, eos = _hf_eos_token(p, "bos_token"), _hf_eos_token(p)
+    return Tokenizer(
+        info=info, _encode=enc, _vocab=sp if sp is not None else hf, bos_token=bos, eos_token=eos
+    )
 
 
 def _gigatoken_lookup(gt) -> Callable[[str], int | None]:

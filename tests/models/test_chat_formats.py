@@ -46,8 +46,14 @@ def _template_ids(tok, chat):
 
 
 def test_every_family_names_a_registered_format():
+    from sfmed.config.sft_data import CHAT_FORMATS as SCHEMA_NAMES
+    from sfmed.data.chat.formats import FORMATS
+
     for name in registered_families():
-        assert get_family(name).chat_format in CHAT_FORMATS, name
+        assert get_family(name).chat_format in FORMATS, name
+    # one registry: evaluation serves every format preprocessing encodes, the schema names them
+    assert set(FORMATS) <= set(CHAT_FORMATS)
+    assert set(SCHEMA_NAMES) == {"auto", *FORMATS}
 
 
 @pytest.mark.parametrize("which", ["qwen2", "qwen3"])
@@ -146,8 +152,10 @@ def test_formats_without_a_template_give_the_published_strings():
     )
     assert CHAT_FORMATS["ziya"].render(chat, None) == "<human>:发热怎么办\n<bot>:"
     two = [*chat, {"role": "assistant", "content": "多喝水"}, {"role": "user", "content": "还有呢"}]
+    # one BOS..EOS sequence per exchange (the tokenizer adds the first BOS)
     assert CHAT_FORMATS["ziya"].render(two, None) == (
-        "<human>:发热怎么办\n<bot>:多喝水\n<human>:还有呢\n<bot>:"
+        "<human>:发热怎么办\n<bot>:多喝水</s><s><human>:还有呢\n<bot>:"
     )
+    assert CHAT_FORMATS["chimed"].render(chat, None) == "[human]:发热怎么办\n[bot]:"
     assert CHAT_FORMATS["chinese_alpaca"].add_special_tokens
     assert CHAT_FORMATS["ziya"].add_special_tokens

@@ -134,7 +134,12 @@ def test_template_mismatch_is_refused(tiny_tokenizer_dir, tmp_path):
         f.unlink()
     with pytest.raises(ConfigError, match="renders differently"):
         resolve_format("auto", d)
+    # an [INST] template that is not LLaMA-2's is recognised as llama2 and then refused
     cfg["chat_template"] = "{% for m in messages %}[INST] {{ m['content'] }}{% endfor %}"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="chat.template=llama2.*renders differently"):
+        resolve_format("auto", d)
+    cfg["chat_template"] = "{% for m in messages %}### {{ m['content'] }}{% endfor %}"
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="not one sfmed knows"):
         resolve_format("auto", d)

@@ -61,17 +61,15 @@ class ChatEncoder:
         self.system_prompt = system_prompt
         self.alternate = require_alternation or fmt.requires_alternation
         self.tokenizer_path = tokenizer_path or tokenizer.info.path
-        self._hf = None
         self.special_ids: dict[str, int] = {}
         for s in fmt.specials:
-            ids, _ = tokenizer.encode_flat([s])
-            if ids.shape[0] != 1:
+            i = tokenizer.token_id(s)
+            if i is None:
                 raise ConfigError(
-                    f"chat format {fmt.name} needs {s!r} as one special token, but the tokenizer "
-                    f"at {self.tokenizer_path} encodes it as {ids.tolist()}; choose the matching "
-                    "chat.template"
+                    f"chat format {fmt.name} needs {s!r} as one token, but the tokenizer at "
+                    f"{self.tokenizer_path} has no such token; choose the matching chat.template"
                 )
-            self.special_ids[s] = int(ids[0])
+            self.special_ids[s] = int(i)
         # Texts that recur in every conversation (separators, heads, the default system turn).
         self._cache: dict[str, np.ndarray] = {}  # ids of the heads of supervised pieces
         self._lock = threading.RLock()
@@ -186,8 +184,9 @@ class ChatEncoder:
         out_end = np.cumsum(lens)
         gather = np.repeat(starts - (out_end - lens), lens) + np.arange(int(out_end[-1]))
         flat_ids, flat_mask = all_ids[gather], all_mask[gather]
-        # Conversation and turn boundaries, from the pieces' ends.
-        ends = out_end[np.asarray(turn_last, np.int64)]
+        # Conversation and turn boundaries, from the pieces' ends (an empty group ends where
+        # the previous piece ends: index -1 -> 0).
+        ends = np.concatenate([[0], out_end])[np.asarray(turn_last, np.int64) + 1]
         conv_turns = np.cumsum(n_turns)
         conv_end = ends[conv_turns - 1].tolist()
         out, a = [], 0
@@ -205,20 +204,12 @@ class ChatEncoder:
             m[k:] = 1
             return m
         # A token spans the head and the content: decide by character offsets.
-        enc = self._hf_tokenizer().encode(p.text, add_special_tokens=False)
-        if list(enc.ids) != pid.tolist():
+        ref_ids, ends = self.tok.char_offsets(p.text)
+        if ref_ids != pid.tolist():
             raise RuntimeError("tokenizer backends disagree on a chat piece; report this input")
-        for i, (_, end) in enumerate(enc.offsets):
+        for i, end in enumerate(ends):
             m[i] = end > p.train_from
         return m
-
-    def _hf_tokenizer(self):
-        if self._hf is None:
-            from tokenizers import Tokenizer
-
-            p = Path(self.tokenizer_path)
-            self._hf = Tokenizer.from_file(str(p if p.is_file() else p / "tokenizer.json"))
-        return self._hf
 
     # -- over-long conversations ------------------------------------------------------------
 

@@ -45,18 +45,30 @@ class ChatEncodingMismatch(RuntimeError):
 
 class _Verifier:
     """``verify_tokenizer=N``: the first N conversations of a source (N pairs' sides) are
-    re-encoded from their rendered string with the reference tokenizer, which splits special
-    tokens as ``apply_chat_template`` does; any difference stops the run."""
+    re-encoded with the reference tokenizer: an HF tokenizer encodes the rendered string (it
+    splits special tokens as ``apply_chat_template`` does); a SentencePiece model, which has no
+    such splitting, encodes each text piece and takes each special token's id, as the formats'
+    reference code does. Any difference stops the run."""
 
     def __init__(self, n: int, enc: ChatEncoder, tokenizer: str):
         self.left, self.enc = n, enc
         self.ref = reference_encoder(tokenizer) if n else None
+        self.by_piece = enc.tok.info.kind == "sentencepiece"
+
+    def _reference(self, turns: list[Turn]) -> list[int]:
+        if not self.by_piece:
+            return self.ref(self.enc.fmt.render(turns))
+        out: list[int] = []
+        for g in self.enc.fmt.pieces(turns, [False] * len(turns)):
+            for p in g:
+                out.extend([self.enc.special_ids[p.text]] if p.special else self.ref(p.text))
+        return out
 
     def check(self, where: str, turns: list[Turn], ids: np.ndarray) -> None:
         if self.left <= 0:
             return
         self.left -= 1
-        want = self.ref(self.enc.fmt.render(turns))
+        want = self._reference(turns)
         if want != ids.tolist():
             raise ChatEncodingMismatch(
                 f"{where}: the chat encoding differs from the reference tokenizer's ids of the "
@@ -176,10 +188,10 @@ def preprocess_chat(cfg: PreprocessConfig) -> dict[str, Any]:
     sources = resolve_sources(cfg)
     c = cfg.chat
     extractors = [(make_turns if kind == "sft" else make_pairs)(s.opts) for s in sources]
-    fmt = resolve_format(c.template, cfg.tokenizer)
     out_dir = Path(cfg.output_dir)
     with _lock(out_dir):
         tok = load_tokenizer(cfg.tokenizer, cfg.tokenizer_backend, cfg.eod_token)
+        fmt = resolve_format(c.template, cfg.tokenizer, tok)
         enc = ChatEncoder(
             tok,
             fmt,
