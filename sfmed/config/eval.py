@@ -71,6 +71,9 @@ class HFConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 8
     attn_implementation: str | None = None  # e.g. sdpa / flash_attention_2; None = default
+    trust_remote_code: bool = False
+    """Run the modelling/tokenizer code a folder ships (``auto_map``: Baichuan's
+    ``modeling_baichuan.py`` / ``tokenization_baichuan.py``); only for code you trust."""
 
     def __post_init__(self):
         _choice("hf.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -390,6 +393,8 @@ class EvalConfig:
             for m, t in ((self.model, self.tokenizer), (self.model_b, self.tokenizer_b)):
                 if m:
                     check_model_folder(m, t)
+                    if self.backend == "hf":
+                        check_remote_code(m, t, self.hf.trust_remote_code)
         if self.backend == "openai" and self.task == "mcq" and self.mcq.mode == "loglik":
             raise EvalConfigError(
                 "mcq.mode=loglik needs token log-probabilities: use backend=hf or vllm"
@@ -448,6 +453,42 @@ def check_model_folder(model: str, tokenizer: str | None = None, where: str = "m
             f"tokenizer's files into {model} (AutoTokenizer.from_pretrained(<folder>)"
             f".save_pretrained('{model}'))"
         )
+
+
+def _auto_map(path: Path, key: str) -> str | None:
+    """The module file ``path``'s ``auto_map[key]`` names (``None``: transformers has the class)."""
+    import json
+
+    if not path.is_file():
+        return None
+    entry = (json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}).get(key)
+    if isinstance(entry, list):  # AutoTokenizer: [slow, fast]
+        entry = next((e for e in entry if e), None)
+    return entry.split(".")[0] + ".py" if entry else None
+
+
+def check_remote_code(model: str, tokenizer: str | None, trust_remote_code: bool) -> None:
+    """Refuse, before anything loads, a model or tokenizer whose class is the folder's own code
+    (``auto_map``, e.g. Baichuan) unless ``hf.trust_remote_code=true`` and the code is there."""
+    tok = Path(tokenizer) if tokenizer else Path(model)
+    needs = [
+        (Path(model), "model", _auto_map(Path(model) / "config.json", "AutoModelForCausalLM")),
+        (tok, "tokenizer", _auto_map(tok / "tokenizer_config.json", "AutoTokenizer")),
+    ]
+    for folder, what, module in needs:
+        if module is None:
+            continue
+        if not (folder / module).is_file():
+            raise EvalConfigError(
+                f"the {what} in {folder} is the release's own code ({module}, named by auto_map), "
+                f"which the folder lacks; copy {module} (and the files it imports) of the "
+                "release into it, then set hf.trust_remote_code=true"
+            )
+        if not trust_remote_code:
+            raise EvalConfigError(
+                f"the {what} in {folder} is the release's own code ({module}); transformers runs "
+                "it only with hf.trust_remote_code=true — set it if you trust that code"
+            )
 
 
 def register() -> None:

@@ -105,6 +105,18 @@ class TokenIds:
 
 
 def _eod_from_tokenizer(path: str, eod_token: str | None) -> int | None:
+    from sfmed.data.metadata import tokenizer_files
+
+    kind, files = tokenizer_files(path)
+    if kind == "sentencepiece":
+        # Read the way preprocessing reads it: a SentencePiece folder (LLaMA, Baichuan) needs no
+        # transformers class, and Baichuan's is hub remote code that is not there.
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(files[0]))
+        if eod_token and sp.piece_to_id(eod_token) != sp.unk_id():
+            return sp.piece_to_id(eod_token)
+        return sp.eos_id() if sp.eos_id() >= 0 else None
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)

@@ -3,7 +3,12 @@ of its release. The published fields are written here as literals (the architect
 each release's config.json: model_type, hidden_size, intermediate_size, num_hidden_layers,
 num_attention_heads, num_key_value_heads, head_dim, vocab_size, max_position_embeddings,
 rms_norm_eps, rope_theta, tie_word_embeddings, biases), so a preset typo or a family that reads
-a field differently fails here."""
+a field differently fails here.
+
+Where each literal comes from is in ``SOURCES`` (public files that copy the release's config.json
+or hard-code its values with a link to it); the same source is named in the preset's YAML. A
+preset marked ``unconfirmed`` has no citable copy of its config.json: its literals here are the
+release's documented values as sfmed knows them, and the unconfirmed fields are listed."""
 
 from __future__ import annotations
 
@@ -90,6 +95,55 @@ PUBLISHED = {
     "baichuan_13b": _baichuan(5120, 13696, 40, 40, 64000),
 }
 
+_TT2 = "pytorch/torchtune torchtune/models/qwen2/_model_builders.py"
+_TT25 = "pytorch/torchtune torchtune/models/qwen2_5/_model_builders.py"
+_TT3 = "pytorch/torchtune torchtune/models/qwen3/_model_builders.py"
+_TTL = "pytorch/torchtune torchtune/models/llama2/_model_builders.py"
+_LLM_PROF = "citsjtu2020/LLM-Prof sglang/Model_Config.md"
+_NONE = "unconfirmed: no citable copy of this release's config.json was found"
+
+# preset -> the lines its YAML must carry after the description ("# source: ..." or
+# "# unconfirmed: ...").
+SOURCES = {
+    "qwen2_0_5b": [
+        "source: rwth-i6/i6_experiments users/juanola/experiments/e25_11_13_ctc/"
+        "configurations/qwen2/qwen2_configs.py (a copy of the config.json: every field)"
+    ],
+    "qwen2_1_5b": [
+        f"source: {_TT2} qwen2_1_5b (sizes, heads, vocab, eps, theta, tied)",
+        "unconfirmed: max_position_embeddings 131072 (that builder follows the Instruct "
+        "model's 32768)",
+    ],
+    "qwen2_7b": [
+        f"source: {_TT2} qwen2_7b (sizes, heads, vocab, eps, theta, untied)",
+        "unconfirmed: max_position_embeddings 131072 (that builder follows the Instruct "
+        "model's 32768)",
+    ],
+    "qwen2_5_0_5b": [f"source: {_TT25} qwen2_5_0_5b (every field; base and instruct share it)"],
+    "qwen2_5_1_5b": [f"source: {_TT25} qwen2_5_1_5b_base (every field)"],
+    "qwen2_5_7b": [f"source: {_TT25} qwen2_5_7b_base; {_LLM_PROF} (a copy of the config.json)"],
+    "qwen2_5_14b": [f"source: {_TT25} qwen2_5_14b_base; {_LLM_PROF} (a copy of the config.json)"],
+    "qwen2_5_72b": [f"source: {_TT25} qwen2_5_72b_base (every field)"],
+    "qwen3_0_6b": [
+        f"source: {_TT3} qwen3_0_6b_base (every field; the -Base release has 32768 positions, "
+        "the post-trained one 40960)"
+    ],
+    "qwen3_1_7b": [f"source: {_TT3} qwen3_1_7b_base (every field)"],
+    "qwen3_8b": [f"source: {_TT3} qwen3_8b_base (every field)"],
+    "qwen3_14b": [f"source: {_TT3} qwen3_14b_base (every field)"],
+    "llama2_7b": [
+        f"source: {_TTL} llama2_7b (intermediate 11008 is LLaMA's SwiGLU rule that builder "
+        "computes)"
+    ],
+    "llama2_13b": [f"source: {_TTL} llama2_13b"],
+    "llama2_70b": [f"source: {_TTL} llama2_70b"],
+    "chinese_llama_plus_7b": [_NONE],
+    "ziya_13b": [_NONE],
+    "baichuan2_7b": [_NONE],
+    "baichuan2_13b": [_NONE],
+    "baichuan_13b": [_NONE],
+}
+
 # The variant facts each release's own code has (not in its config.json).
 BAICHUAN_VARIANTS = {
     "baichuan2_7b": ("rope", True),
@@ -123,3 +177,11 @@ def test_baichuan_variants(name):
     assert (arch.position_embedding_type, arch.norm_head) == BAICHUAN_VARIANTS[name]
     tiny = _preset_arch("tiny_baichuan")
     assert (tiny.position_embedding_type, tiny.norm_head) == ("alibi", True)
+
+
+def test_every_preset_names_its_source():
+    assert set(SOURCES) == set(PUBLISHED)
+    for name, want in SOURCES.items():
+        lines = (CONF / f"{name}.yaml").read_text().splitlines()
+        got = [ln.removeprefix("# ") for ln in lines[1 : 1 + len(want)]]
+        assert got == want, name

@@ -9,7 +9,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sfmed.config.eval import DecodingConfig, HFConfig, check_model_folder
+from sfmed.config.eval import (
+    DecodingConfig,
+    HFConfig,
+    check_model_folder,
+    check_remote_code,
+)
 from sfmed.core.dtypes import torch_dtype
 from sfmed.eval.backends.base import (
     BackendError,
@@ -36,6 +41,8 @@ class HFBackend(LocalBackend):
 
         path = Path(model_dir)
         check_model_folder(str(path), str(tokenizer) if tokenizer else None)
+        check_remote_code(str(path), str(tokenizer) if tokenizer else None, cfg.trust_remote_code)
+        remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
         tok_dir = Path(tokenizer) if tokenizer else path
         self.cfg = cfg
         self.device = torch.device(
@@ -48,12 +55,13 @@ class HFBackend(LocalBackend):
             if cfg.dtype != "auto"
             else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         )
-        self.tok = AutoTokenizer.from_pretrained(tok_dir)
+        self.tok = AutoTokenizer.from_pretrained(tok_dir, **remote)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
         self._init_format(chat_format)
         kw = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        kw.update(remote)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
         self.model.to(self.device).eval()
         self.max_len = getattr(self.model.config, "max_position_embeddings", None)

@@ -28,11 +28,9 @@ import torch
 from sfmed.core.errors import ConfigError
 from sfmed.models.arch import ModelArch
 from sfmed.models.families import common
+from sfmed.models.families.common import HF_FINAL_NORM, HF_LM_HEAD
 from sfmed.models.family import ModelFamily, register_family
 
-HF_EMBED = "model.embed_tokens.weight"
-HF_FINAL_NORM = "model.norm.weight"
-HF_LM_HEAD = "lm_head.weight"
 HF_W_PACK = "model.layers.{i}.self_attn.W_pack.weight"
 BAICHUAN2_VOCAB = 125696
 
@@ -59,6 +57,14 @@ def _norm_head(cfg: dict) -> bool:
     if cfg.get("norm_head") is not None:
         return bool(cfg["norm_head"])
     return int(cfg["vocab_size"]) == BAICHUAN2_VOCAB
+
+
+def _check_multi_head(cfg: dict, heads: int, kv: int) -> None:
+    if kv != heads:
+        raise ConfigError(
+            f"num_key_value_heads={kv} != num_attention_heads={heads}: Baichuan's W_pack "
+            "holds full multi-head q/k/v"
+        )
 
 
 class NormHeadMixin:
@@ -94,34 +100,18 @@ class BaichuanFamily(ModelFamily):
 
     def arch_from_hf(self, cfg: dict) -> ModelArch:
         """Baichuan ``config.json`` -> :class:`ModelArch`."""
-        common.check_fields(cfg, "Baichuan")
-        common.check_rope_scaling(cfg, "Baichuan")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act={cfg['hidden_act']!r}: Baichuan uses 'silu' (SwiGLU)")
-        heads, kv, head_dim = common.attention_shape(cfg)
-        if kv != heads:
-            raise ConfigError(
-                f"num_key_value_heads={kv} != num_attention_heads={heads}: Baichuan's W_pack "
-                "holds full multi-head q/k/v"
-            )
+        # Baichuan-13B's config.json names its positions model_max_length only
         max_pos = cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 4096
-        return ModelArch(
-            num_layers=int(cfg["num_hidden_layers"]),
-            hidden_size=int(cfg["hidden_size"]),
-            ffn_hidden_size=int(cfg["intermediate_size"]),
-            num_attention_heads=heads,
-            num_query_groups=heads,
-            vocab_size=int(cfg["vocab_size"]),
-            max_position_embeddings=int(max_pos),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=common.rope_theta(cfg),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            kv_channels=head_dim,
-            torch_dtype=common.config_dtype(cfg),
+        return common.read_arch(
+            cfg,
             family=self.model_type,
+            name="Baichuan",
+            arch_defaults=self.arch_defaults,
+            max_positions=max_pos,
+            sliding_window_check=False,
+            check=_check_multi_head,
             position_embedding_type=_positions(cfg),
             norm_head=_norm_head(cfg),
-            **self.arch_defaults,
         )
 
     def hf_config_dict(self, arch: ModelArch, dtype: str | None = None) -> dict:
@@ -187,33 +177,10 @@ class BaichuanFamily(ModelFamily):
 
     def mapping(self, arch: ModelArch):
         """Baichuan's tensor table: LLaMA's names with ``W_pack`` for q/k/v."""
-        from sfmed.models import mapping as mp
-
-        def attn(n):
-            return "model.layers.{i}.self_attn." + n
-
-        def mlp(n):
-            return "model.layers.{i}.mlp." + n
-
-        layer = (
-            mp.Replicated(mp.QKV_NORM, ("model.layers.{i}.input_layernorm.weight",), ("hidden",)),
-            mp.PackedQKV(mp.QKV_W, (HF_W_PACK,)),
-            mp.SplitCols(mp.PROJ_W, (attn("o_proj.weight"),), ("hidden", "q")),
-            mp.Replicated(
-                mp.FC1_NORM, ("model.layers.{i}.post_attention_layernorm.weight",), ("hidden",)
-            ),
-            mp.GateUp(mp.FC1_W, (mlp("gate_proj.weight"), mlp("up_proj.weight"))),
-            mp.SplitCols(mp.FC2_W, (mlp("down_proj.weight"),), ("hidden", "ffn")),
-        )
-        post = [mp.Replicated(mp.FINAL_NORM, (HF_FINAL_NORM,), ("hidden",))]
-        if not arch.tie_word_embeddings:
-            post.append(mp.Vocab(mp.OUTPUT, (HF_LM_HEAD,)))
-        return mp.ModelMapping(
-            pre=(mp.Vocab(mp.EMBED, (HF_EMBED,)),),
-            layer=layer,
-            post=tuple(post),
-            tied=(HF_LM_HEAD, HF_EMBED) if arch.tie_word_embeddings else None,
-            ignored_hf_suffixes=(".rotary_emb.inv_freq", ".future_mask"),
+        return common.llama_layout_mapping(
+            arch,
+            packed_qkv=HF_W_PACK,
+            ignored_hf_suffixes=(*common.HF_IGNORED_SUFFIXES, ".future_mask"),
         )
 
     # -- HF side ----------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from sfmed.models.arch import ModelArch
-from sfmed.models.families.llama import LlamaFamily, llama_layout_mapping
+from sfmed.models.families import common
+from sfmed.models.families.llama import LlamaFamily
 from sfmed.models.family import register_family
 
 
@@ -50,7 +51,7 @@ class Qwen3Family(LlamaFamily):
 
     def mapping(self, arch: ModelArch):
         """Qwen3's tensor table: LLaMA's plus ``q_norm``/``k_norm`` (megatron q/k_layernorm)."""
-        return llama_layout_mapping(arch, qk_norm=True)
+        return common.llama_layout_mapping(arch, qk_norm=True)
 
     def tiny_hf_config(self, **kw):
         """A tiny Qwen3 (4 layers, hidden 64, GQA 8/2, head_dim 16 != hidden/heads, tied)."""
