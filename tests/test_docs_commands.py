@@ -276,23 +276,65 @@ def test_every_doc_command_is_classified():
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("c", ALL, ids=[c.id for c in ALL])
-def test_doc_command_runs(c: DocCommand, sandboxes, judge_env):
+def _skip_reason(c: DocCommand) -> str | None:
     reason = _rule(SKIP, c.text)
     if reason:
-        pytest.skip(reason)
+        return reason
     key = _words(c.text)
     if key in RUN_ONCE and _RUNS_AT[key] != c.id:
-        pytest.skip(f"the same command, on the same inputs, runs at {_RUNS_AT[key]}")
-    cmd = c.text
-    sandbox = sandboxes(c.doc)
-    env = {**judge_env, **c.env}  # the doc's own `export OPENAI_API_KEY=...` wins
-    if _rule(COMPOSE, cmd):
-        proc = _run(_compose_only(cmd), sandbox, env, timeout=120)
-    else:
-        proc = _run(cmd, sandbox, env)
-    assert proc.returncode == 0, (
-        f"{c.id} exited {proc.returncode}: {cmd}\n--- stdout ---\n{proc.stdout[-3000:]}"
-        f"\n--- stderr ---\n{proc.stderr[-5000:]}"
+        return f"the same command, on the same inputs, runs at {_RUNS_AT[key]}"
+    return None
+
+
+def _run_doc(cmds: list[DocCommand], sandbox: Path, judge: dict) -> dict[str, tuple]:
+    """Run one doc's commands in order in its sandbox: id -> (returncode, stdout, stderr)."""
+    out = {}
+    for c in cmds:
+        env = {**judge, **c.env}  # the doc's own `export OPENAI_API_KEY=...` wins
+        if _rule(COMPOSE, c.text):
+            proc = _run(_compose_only(c.text), sandbox, env, timeout=120)
+        else:
+            proc = _run(c.text, sandbox, env)
+        out[c.id] = (proc.returncode, proc.stdout, proc.stderr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def doc_runs(request, sandboxes, judge_env):
+    """The selected commands of every doc, run in order per doc; two docs at a time.
+
+    A doc's commands depend on each other (same sandbox, in order) but docs do not, and each
+    command is a single-threaded process (``OMP_NUM_THREADS=1``) or a short torchrun: running
+    two docs side by side keeps both cores busy.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = {
+        item.callspec.params["c"].id
+        for item in request.session.items
+        if item.originalname == "test_doc_command_runs"
+    }
+    by_doc: dict[Path, list[DocCommand]] = {}
+    for c in ALL:
+        if c.id in selected and not _skip_reason(c):
+            by_doc.setdefault(c.doc, []).append(c)
+    # Sandboxes are made here, one thread, before the runs start.
+    jobs = [(cmds, sandboxes(doc)) for doc, cmds in by_doc.items()]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # Longest docs first, so the two lanes finish close together.
+        jobs.sort(key=lambda j: -len(j[0]))
+        futures = {cmds[0].doc: pool.submit(_run_doc, cmds, sb, judge_env) for cmds, sb in jobs}
+        yield futures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", ALL, ids=[c.id for c in ALL])
+def test_doc_command_runs(c: DocCommand, doc_runs):
+    reason = _skip_reason(c)
+    if reason:
+        pytest.skip(reason)
+    rc, stdout, stderr = doc_runs[c.doc].result()[c.id]
+    assert rc == 0, (
+        f"{c.id} exited {rc}: {c.text}\n--- stdout ---\n{stdout[-3000:]}"
+        f"\n--- stderr ---\n{stderr[-5000:]}"
     )
