@@ -84,3 +84,42 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     """step -> record of a run's metrics.jsonl."""
     rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     return {r["step"]: r for r in rows if "loss" in r}
+
+
+def write_preference_dataset(
+    prefix: Path, samples, seq_length: int, vocab: int, packed: bool, kind: str = "preference"
+):
+    """Write ``samples`` (each a list of pairs; a pair is two (ids, target-mask) sides sharing a
+    prompt) as ``launch/preprocess.py format=preference`` does (``kind``: the sidecar's)."""
+    from sfmed.data.chat.store import ChatWriter
+
+    w = ChatWriter(prefix, np.uint16)
+    for pairs in samples:
+        sides = [side for pair in pairs for side in pair]
+        w.add_sample([np.asarray(i, np.uint16) for i, _ in sides],
+                     [np.asarray(m, np.uint8) for _, m in sides])  # fmt: skip
+    w.finish(
+        {
+            "kind": kind,
+            "seq_length": seq_length,
+            "mask": "last",
+            "tokenizer": {"vocab_size": vocab, "eod_id": 0},
+            "stats": {"packing": {"packed": packed}},
+        }
+    )
+    return prefix
+
+
+def random_pairs(n: int, rng, vocab: int, lo: int = 4, hi: int = 12):
+    """``n`` pairs: a shared random prompt, two different random answers (the targets)."""
+    out = []
+    for _ in range(n):
+        prompt = rng.integers(1, vocab, int(rng.integers(lo, hi + 1)))
+        pair = []
+        for _ in range(2):
+            ans = rng.integers(1, vocab, int(rng.integers(2, hi + 1)))
+            ids = np.concatenate([prompt, ans])
+            mask = np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(ans), np.uint8)])
+            pair.append((ids, mask))
+        out.append(pair)
+    return out
