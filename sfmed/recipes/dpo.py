@@ -126,9 +126,13 @@ class PreferenceSamples(SFTSamples):
 
     dataset_class = "PreferenceDataset"
 
-    def __init__(self, data: DPOData, parts, size: int, seed: int, global_batch: int):
+    def __init__(
+        self, data: DPOData, parts, size: int, seed: int, global_batch: int, totals: bool = True
+    ):
         super().__init__(data, parts, size, seed)
         self.global_batch = global_batch
+        self.totals = totals
+        """Whether items carry ``batch_chosen`` (RPO needs it; it costs a read of the batch)."""
         self.ref_table: np.ndarray | None = None
         """``[size, max_pairs, 2]`` reference log-probs (precompute mode), set before loading."""
         self._batch_stats: dict[int, np.ndarray] = {}
@@ -164,12 +168,22 @@ class PreferenceSamples(SFTSamples):
             pairs=np.int64(len(lens) // 2),
             ref=ref,
             sample=np.int64(i),
-            batch_chosen=self.batch_totals(i),
+            batch_chosen=self.batch_totals(i) if self.totals else np.zeros(2),
         )
         return item
 
 
 # -- loss and forward steps (tensor code) ----------------------------------------------------------
+
+
+def _side_sums(token_logps: torch.Tensor, batch: dict, max_pairs: int):
+    """``[mbs, 2 * max_pairs]`` sums and counts over each side's answer tokens (side ``2k``:
+    chosen of pair ``k``, ``2k + 1``: its rejected)."""
+    from sfmed.recipes.logprobs import reduce_token_logprobs
+
+    return reduce_token_logprobs(
+        token_logps, batch["loss_mask"], batch["segment"], num_segments=2 * max_pairs
+    )
 
 
 def pair_logprobs(token_logps: torch.Tensor, batch: dict, max_pairs: int):
@@ -178,11 +192,7 @@ def pair_logprobs(token_logps: torch.Tensor, batch: dict, max_pairs: int):
     Returns ``(chosen, rejected, chosen_tokens, rejected_tokens)``, each ``[n_pairs]`` in
     sample order (padding pairs of a micro-batch dropped), and the ``[mbs, max_pairs]`` mask of
     the real pairs."""
-    from sfmed.recipes.logprobs import reduce_token_logprobs
-
-    logps, counts = reduce_token_logprobs(
-        token_logps, batch["loss_mask"], batch["segment"], num_segments=2 * max_pairs
-    )
+    logps, counts = _side_sums(token_logps, batch, max_pairs)
     real = torch.arange(max_pairs, device=logps.device)[None, :] < batch["pairs"][:, None]
     return (
         logps[:, 0::2][real],
@@ -231,7 +241,7 @@ def loss_func(cfg: DPOConfig, max_pairs: int, batch: dict, output_tensor: torch.
         + [sums.get("nll", zero).double(), n_c.double().sum()]
     )
     real_tokens = batch["real"].float().sum()
-    tokens = torch.stack([real_tokens, torch.tensor(float(batch["real"].numel()))]).to(c.device)
+    tokens = torch.stack([real_tokens, real_tokens.new_tensor(float(batch["real"].numel()))])
     pairs = torch.tensor(int(c.numel()), dtype=torch.int, device=c.device)
     return out.losses.sum(), pairs, {"dpo": report.float(), "tokens": tokens}
 
@@ -254,18 +264,10 @@ def make_forward_step(cfg: DPOConfig, device, max_pairs: int):
 
 def _ref_loss(max_pairs: int, batch: dict, output_tensor: torch.Tensor):
     mbs = batch["tokens"].shape[0]
-    logps, _ = _pair_table(-output_tensor.float().reshape(mbs, -1), batch, max_pairs)
+    logps, _ = _side_sums(-output_tensor.float().reshape(mbs, -1), batch, max_pairs)
     zero = torch.zeros((), device=logps.device)
-    return zero, torch.tensor(0, dtype=torch.int), {"ref": logps.detach()}
-
-
-def _pair_table(token_logps: torch.Tensor, batch: dict, max_pairs: int):
-    from sfmed.recipes.logprobs import reduce_token_logprobs
-
-    logps, counts = reduce_token_logprobs(
-        token_logps, batch["loss_mask"], batch["segment"], num_segments=2 * max_pairs
-    )
-    return logps.double().view(-1, max_pairs, 2), counts
+    pairs = logps.double().view(mbs, max_pairs, 2)  # (chosen, rejected) of each pair
+    return zero, torch.tensor(0, dtype=torch.int), {"ref": pairs.detach()}
 
 
 def reference_pass(trainer, chunks: list, batches: list[list[dict]], max_pairs: int) -> list:
@@ -540,10 +542,11 @@ class DPORecipe(Recipe):
         data = plan.recipe
         train_parts, valid_parts = split_parts(data, self.cfg.data.split_weights, t.seed)
         gbs = t.global_batch_size
-        train = PreferenceSamples(data, train_parts, t.steps * gbs, t.seed, gbs)
+        rpo = self.cfg.dpo.rpo_alpha is not None
+        train = PreferenceSamples(data, train_parts, t.steps * gbs, t.seed, gbs, rpo)
         valid = None
         if t.eval_interval and all(len(p) for p in valid_parts):
-            valid = PreferenceSamples(data, valid_parts, t.eval_iters * gbs, t.seed + 1, gbs)
+            valid = PreferenceSamples(data, valid_parts, t.eval_iters * gbs, t.seed + 1, gbs, rpo)
         elif t.eval_interval:
             log.warning("a dataset has no validation samples at data.split=%s", self.cfg.data.split)
         if self._uses_model() and self.cfg.reference.mode == "precompute":

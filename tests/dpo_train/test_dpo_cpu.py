@@ -34,6 +34,12 @@ COMMON = [
 ]  # fmt: skip
 
 
+def valid(run_dir) -> dict[int, dict]:
+    """step -> validation record of a run's metrics.jsonl."""
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r for r in rows if "valid_loss" in r}
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, tiny_tokenizer_dir):
     tmp = tmp_path_factory.mktemp("dpo_cpu")
@@ -55,9 +61,10 @@ def test_tp2pp2_gate_reference_modes_cuts_learning_resume(toy):
 
     ds = PreferenceDataset(prefix)
     assert all(len(ds[i]["seq_lengths"]) == 4 for i in range(len(ds)))  # two pairs per pack
-    base = [f"init_from={ckpt}", f"data.prefix={prefix}"]
+    base = [f"init_from={ckpt}", f"data.prefix={prefix}", "data.split=90,10,0"]
+    evals = ["train.eval_interval=10", "train.eval_iters=1"]
     a = tmp / "a"
-    dpo(4, *base, "parallel=tp2pp2", "train.micro_batch_size=2", f"train.steps={STEPS}",
+    dpo(4, *base, *evals, "parallel=tp2pp2", "train.micro_batch_size=2", f"train.steps={STEPS}",
         f"train.save_interval={SAVE}", f"ckpt_dir={a}")  # fmt: skip
     ma = metrics(a)
     assert sorted(ma) == list(range(1, STEPS + 1))
@@ -90,6 +97,9 @@ def test_tp2pp2_gate_reference_modes_cuts_learning_resume(toy):
     )
     table = np.load(a / "reference_logps" / "train.npy")
     assert table.shape == (STEPS * 4, 2, 2) and (table < 0).all()
+    assert np.load(a / "reference_logps" / "valid.npy").shape == (4, 2, 2)  # eval_iters × gbs
+    va = valid(a)
+    assert sorted(va) == [10, STEPS] and va[STEPS]["valid_rewards/accuracies"] > 0.5
     sj = json.loads((a / f"iter_{STEPS:07d}" / "sfmed.json").read_text())
     assert sj["origin"]["kind"] == "dpo" and sj["origin"]["dpo"]["loss_type"] == "sigmoid"
 
@@ -112,7 +122,7 @@ def test_tp2pp2_gate_reference_modes_cuts_learning_resume(toy):
     for sub in (f"iter_{SAVE:07d}", "hf"):
         shutil.copytree(a / sub, c / sub)
     (c / "latest_checkpointed_iteration.txt").write_text(str(SAVE))
-    dpo(4, *base, "parallel=tp2pp2", "train.micro_batch_size=2", f"train.steps={STEPS}",
+    dpo(4, *base, *evals, "parallel=tp2pp2", "train.micro_batch_size=2", f"train.steps={STEPS}",
         "reference.mode=on_the_fly", "train.save_final=false", f"ckpt_dir={c}")  # fmt: skip
     mc = metrics(c)
     assert sorted(mc) == list(range(SAVE + 1, STEPS + 1))
@@ -120,3 +130,4 @@ def test_tp2pp2_gate_reference_modes_cuts_learning_resume(toy):
     for s in range(SAVE + 1, STEPS + 1):
         for k in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert mc[s][k] == ma[s][k], (s, k, mc[s][k], ma[s][k])
+    assert valid(c)[STEPS] == va[STEPS]  # validation scored on the fly = precomputed
