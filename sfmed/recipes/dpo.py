@@ -267,7 +267,8 @@ def _ref_loss(max_pairs: int, batch: dict, output_tensor: torch.Tensor):
     logps, _ = _side_sums(-output_tensor.float().reshape(mbs, -1), batch, max_pairs)
     zero = torch.zeros((), device=logps.device)
     pairs = logps.double().view(mbs, max_pairs, 2)  # (chosen, rejected) of each pair
-    return zero, torch.tensor(0, dtype=torch.int), {"ref": pairs.detach()}
+    none = torch.zeros((), dtype=torch.int, device=logps.device)  # no loss, no tokens
+    return zero, none, {"ref": pairs.detach()}
 
 
 def reference_pass(trainer, chunks: list, batches: list[list[dict]], max_pairs: int) -> list:
@@ -459,7 +460,7 @@ class DPORecipe(Recipe):
         if t.eval_interval and d.split_weights[1] == 0:
             raise ConfigError(
                 f"train.eval_interval={t.eval_interval} but data.split={d.split!r} has no "
-                "validation part; use e.g. data.split=98,2,0 or train.eval_interval=0"
+                "validation part; use e.g. data.split=98/2/0 or train.eval_interval=0"
             )
         base = resolve_data(cfg, plan.arch.vocab_size, kind=KIND)
         longest, pairs = 0, 1

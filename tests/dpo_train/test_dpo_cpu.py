@@ -61,7 +61,7 @@ def test_tp2pp2_gate_reference_modes_cuts_learning_resume(toy):
 
     ds = PreferenceDataset(prefix)
     assert all(len(ds[i]["seq_lengths"]) == 4 for i in range(len(ds)))  # two pairs per pack
-    base = [f"init_from={ckpt}", f"data.prefix={prefix}", "data.split=90,10,0"]
+    base = [f"init_from={ckpt}", f"data.prefix={prefix}", "data.split=90/10/0"]
     evals = ["train.eval_interval=10", "train.eval_iters=1"]
     a = tmp / "a"
     dpo(4, *base, *evals, "parallel=tp2pp2", "train.micro_batch_size=2", f"train.steps={STEPS}",
@@ -77,11 +77,11 @@ def test_tp2pp2_gate_reference_modes_cuts_learning_resume(toy):
     assert first["pairs"] == 8 and first["tokens"] == 8  # 4 packs × 2 pairs, the loss's count
     assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0
     assert "nll" not in first  # only with rpo_alpha
-    # the first global batch's real tokens, from the data by hand (seeded permutation)
-    perm = np.random.default_rng([1234, 0, 0]).permutation(
-        np.random.default_rng([1234, 0, 2**31 - 1]).permutation(len(ds))
-    )
-    real = sum(int(ds[int(i)]["tokens"].shape[0]) for i in perm[:4])
+    # the first global batch's real tokens, from the data by hand: the train part is the first
+    # 90 % of a seeded permutation, read in a permutation seeded by (seed, dataset, epoch)
+    part = np.random.default_rng([1234, 0, 2**31 - 1]).permutation(len(ds))[: round(0.9 * len(ds))]
+    order = part[np.random.default_rng([1234, 0, 0]).permutation(len(part))]
+    real = sum(int(ds[int(i)]["tokens"].shape[0]) for i in order[:4])
     assert first["real_tokens"] == real
     assert first["packing_efficiency"] == pytest.approx(real / (4 * 256))
 
@@ -114,7 +114,7 @@ def test_tp2pp2_gate_reference_modes_cuts_learning_resume(toy):
         tol = 1e-5 if s == 1 else 1e-4
         for k in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):
             x, y = md[s][k], ma[s][k]
-            assert abs(x - y) <= tol * max(abs(y), 1e-2), (s, k, x, y)
+            assert abs(x - y) <= tol * max(abs(y), 1.0), (s, k, x, y)
 
     # C: resume from A's step-16 checkpoint, reference on the fly: the rest of A bit for bit
     c = tmp / "c"
