@@ -1,10 +1,12 @@
-"""SFT end to end on CPU (CPU emulation, gloo, fp32), the sharded engine's whole path:
+"""SFT and DPO end to end on CPU (CPU emulation, gloo, fp32), the sharded engine's whole path:
 
 tiny Qwen2 with the tiny ChatML tokenizer → ``launch/convert.py to=mcore`` → pretrain a few
 steps → ``launch/preprocess.py format=sft`` on a small multi-turn set → ``launch/sft.py`` 20
 steps at TP=2×PP=2 (the supervised loss falls clearly; a run resumed from its step-10
-checkpoint repeats steps 11-20 bit for bit) → ``launch/convert.py to=hf`` → transformers loads
-it and ``generate()`` answers a ChatML prompt.
+checkpoint repeats steps 11-20 bit for bit) → ``launch/preprocess.py format=preference`` →
+``launch/dpo.py`` from the SFT run at TP=2×PP=2 (step-0 gate: loss ln 2; the loss falls) →
+``launch/convert.py to=hf`` of the DPO run → transformers loads it and ``generate()`` answers
+a ChatML prompt.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _metrics(run) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
-def test_convert_pretrain_sft_tp2pp2_export_generate(tmp_path, tiny_tokenizer_dir):
+def test_convert_pretrain_sft_dpo_tp2pp2_export_generate(tmp_path, tiny_tokenizer_dir):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,9 +125,28 @@ def test_convert_pretrain_sft_tp2pp2_export_generate(tmp_path, tiny_tokenizer_di
     m2 = _metrics(again)
     assert [m2[s]["loss"] for s in range(11, 21)] == losses[10:]
 
-    # export; transformers loads it and answers a ChatML prompt
+    # DPO from the SFT run: preferred = the consultation's answer, rejected = a refusal
+    pairs = [{"prompt": conv[0], "chosen": conv[1], "rejected": "不知道。"} for conv in QA * 4]
+    raw = tmp_path / "pairs.jsonl"
+    raw.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in pairs) + "\n")
+    _run([str(REPO / "launch/preprocess.py"), "format=preference", f"input={raw}", "name=pairs",
+          "reader=jsonl", f"tokenizer={tiny_tokenizer_dir}", f"output_dir={tmp_path / 'dpo_data'}",
+          "chat.seq_length=256"], "preprocess pairs")  # fmt: skip
+    dpo = tmp_path / "dpo"
+    _run([str(REPO / "launch/dpo.py"), *COMMON, "parallel=tp2pp2", f"init_from={run}",
+          f"data.prefix={tmp_path / 'dpo_data' / 'pairs_preference'}", "data.num_workers=0",
+          "train.steps=6", "train.global_batch_size=4", "train.micro_batch_size=2",
+          "train.save_interval=0", "optim.lr=1e-3", "optim.warmup_steps=1",
+          f"ckpt_dir={dpo}"], "dpo", nproc=4)  # fmt: skip
+    md = _metrics(dpo)
+    assert sorted(md) == list(range(1, 7))
+    assert abs(md[1]["loss"] - np.log(2)) <= 1e-5 and md[6]["loss"] < md[1]["loss"]
+    dj = json.loads((dpo / "iter_0000006" / "sfmed.json").read_text())
+    assert dj["origin"]["kind"] == "dpo" and dj["origin"]["init_from"].startswith(str(run))
+
+    # export the aligned model; transformers loads it and answers a ChatML prompt
     out = tmp_path / "export"
-    _run([str(REPO / "launch/convert.py"), "to=hf", f"src={run}", f"dst={out}",
+    _run([str(REPO / "launch/convert.py"), "to=hf", f"src={dpo}", f"dst={out}",
           "progress=false"], "convert to=hf")  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(out)
     etok = AutoTokenizer.from_pretrained(out)
