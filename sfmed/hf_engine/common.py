@@ -86,9 +86,10 @@ def check_engine(cfg) -> dict:
         )
     t, o = cfg.train, cfg.optim
     decay_steps = o.decay_steps or t.steps
-    if o.warmup_steps >= decay_steps:
+    warmup = o.resolve_warmup(decay_steps)  # warmup_steps, or warmup_fraction of the horizon
+    if warmup >= decay_steps:
         raise ConfigError(
-            f"optim.warmup_steps={o.warmup_steps} must be smaller than the decay horizon "
+            f"optim.warmup_steps={warmup} must be smaller than the decay horizon "
             f"optim.decay_steps={decay_steps} (default: train.steps)"
         )
     if t.eval_interval:
@@ -238,7 +239,7 @@ class MegatronSchedule:
             init_lr=0.0,
             max_lr=o.lr,
             min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps,
+            lr_warmup_steps=o.resolve_warmup(o.decay_steps or steps),
             lr_decay_steps=o.decay_steps or steps,
             lr_decay_style=o.decay_style,
             start_wd=o.weight_decay,
