@@ -122,13 +122,15 @@ def pair_row(item: dict[str, np.ndarray]) -> dict[str, list[int]]:
 
 
 def _pair_rows(samples):
+    # A trainer's samples give the stored sample itself (unpadded) as ``raw``.
+    get = getattr(samples, "raw", samples.__getitem__)
     for i in range(len(samples)):
-        yield pair_row(samples[i])
+        yield pair_row(get(i))
 
 
 def ordered_pair_rows(samples, cache_dir: str | os.PathLike):
-    """A ``datasets.Dataset`` of the :func:`pair_row` of every sample of ``samples``, in its
-    order (what TRL's ``DPOTrainer`` takes, already tokenized); cached under ``cache_dir``."""
+    """A ``datasets.Dataset`` of the :func:`pair_row` of every sample of ``samples`` (e.g. a
+    :class:`~sfmed.recipes.dpo.PreferenceSamples`), in its order (what TRL's ``DPOTrainer`` takes, already tokenized); cached under ``cache_dir``."""
     import datasets as hfds
 
     features = hfds.Features({k: hfds.List(hfds.Value("int32")) for k in PAIR_FEATURES})

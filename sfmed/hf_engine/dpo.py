@@ -97,14 +97,18 @@ def _check(cfg: DPOConfig) -> dict:
             "sharded engine; with engine=hf the reference is hf.model itself (with LoRA: the "
             "adapter disabled); drop reference.checkpoint"
         )
-    from sfmed.recipes.dpo import resolve_data
+    # The sharded engine's data resolution: every dataset checked against its sidecar (kind,
+    # sequence length, packing, the tokenizer's vocabulary against the model's).
+    from sfmed.data.chat.store import complete_meta
+    from sfmed.recipes.dpo import KIND, _packed
+    from sfmed.recipes.sft import resolve_data
 
-    data = resolve_data(cfg, vocab_size=plan["vocab_size"])
-    if data.packed:
+    data = resolve_data(cfg, vocab_size=plan["vocab_size"], kind=KIND)
+    packed = [p for p in data.prefixes if _packed(complete_meta(p))]
+    if packed:
         raise ConfigError(
-            f"{', '.join(data.prefixes)}: packed pair data (chat.pack=true); engine=hf trains one "
-            "pair per sample (TRL's DPOTrainer): preprocess with chat.pack=false, or use "
-            "engine=mcore"
+            f"{', '.join(packed)}: packed pair data (chat.pack=true); engine=hf trains one pair "
+            "per sample (TRL's DPOTrainer): preprocess with chat.pack=false, or use engine=mcore"
         )
     plan["data"] = data
     return plan
@@ -239,7 +243,8 @@ def run(cfg: DPOConfig) -> str:
 
     from sfmed.hf_engine.data import ordered_pair_rows
     from sfmed.models import arch_from_hf_config
-    from sfmed.recipes.dpo import training_samples
+    from sfmed.recipes.dpo import PreferenceSamples
+    from sfmed.recipes.sft import split_parts
     from sfmed.train.metrics import MetricsSink, flops_per_token, peak_tflops
 
     t, h = cfg.train, cfg.hf
@@ -250,7 +255,9 @@ def run(cfg: DPOConfig) -> str:
     # Data: the sharded engine's training samples in its seeded order: step k reads samples
     # [k * global_batch, (k + 1) * global_batch), the same in both engines.
     data = plan["data"]
-    samples = training_samples(data, cfg, t.steps * t.global_batch_size)
+    parts, _ = split_parts(data, cfg.data.split_weights, t.seed)
+    gbs = t.global_batch_size
+    samples = PreferenceSamples(data, parts, t.steps * gbs, t.seed, gbs)
     try:
         rows = ordered_pair_rows(samples, run_dir / "data_cache")
     except ValueError as e:

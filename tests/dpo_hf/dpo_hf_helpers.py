@@ -142,3 +142,16 @@ def stored_pairs(prefix: str) -> list[tuple]:
         # copies: the arrays are views of memory maps closed with the datasets
         out.append(tuple(np.array(d[k]) for k in (a, a + 1) for d in (ids, mask)))
     return out
+
+
+def first_samples(prefix: str, n: int, seed: int = 1234) -> list[int]:
+    """The first ``n`` samples of a one-dataset run, recomputed from the documented order: the
+    training part is a seeded permutation, drawn in a seeded permutation per epoch."""
+    import numpy as np
+
+    from sfmed.data.chat.store import PreferenceDataset
+
+    total = len(PreferenceDataset(prefix))
+    assert n <= total
+    part = np.random.default_rng([seed, 0, 2**31 - 1]).permutation(total)
+    return part[np.random.default_rng([seed, 0, 0]).permutation(total)][:n].tolist()
