@@ -132,8 +132,6 @@ def test_config_errors_before_work(dpo_model, pairs_prefix, tiny_tokenizer_dir, 
     for c, match in cases:
         with pytest.raises(ConfigError, match=match):
             run(c)
-    sft = tmp_path / "sft"
-    sft.mkdir()
     assert not (tmp_path / "r").exists()  # nothing written
     (tmp_path / "r" / "checkpoint-1").mkdir(parents=True)
     (tmp_path / "r" / "checkpoint-1" / "trainer_state.json").write_text("{}")
