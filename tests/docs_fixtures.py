@@ -208,6 +208,20 @@ def write_raw_corpora(root: Path) -> None:
             for i in range(50)
         ],
     )
+    # docs/dpo.md: preference pairs in the three shapes preprocessing reads
+    q, good, bad = "第{}位患者头痛，怎么办？", "建议尽快就医检查。", "忍一忍就好。"
+    _write_jsonl(
+        root / "data" / "raw" / "dpo" / "pairs.jsonl",
+        [
+            [
+                {"question": q.format(i), "response_chosen": good, "response_rejected": bad},
+                {"conversations": [{"from": "human", "value": q.format(i)}], "chosen": good,
+                 "rejected": bad},
+                {"prompt": q.format(i), "chosen": good, "rejected": bad},
+            ][i % 3]
+            for i in range(24)
+        ],
+    )  # fmt: skip
 
 
 def make_brief_model(hf_dir: Path, answer: str = "A") -> None:

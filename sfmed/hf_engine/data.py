@@ -1,4 +1,7 @@
-"""The HF engine's view of the SFT data: the sharded engine's samples, in its order, as TRL rows.
+"""The HF engines' view of the chat data: the sharded engine's samples, in its order, as TRL rows.
+
+SFT (below) and preference pairs (:func:`pair_row`, :func:`ordered_pair_rows`, for TRL's
+``DPOTrainer``).
 
 The samples come from :class:`sfmed.recipes.sft.SFTSamples` (the same resolution, split, blend
 and seeded order as ``engine=mcore``: step k of both engines reads the same samples). A row is
@@ -61,4 +64,79 @@ def ordered_rows(samples, cache_dir: str | os.PathLike):
     )
     return hfds.Dataset.from_generator(
         _rows, features=features, cache_dir=os.fspath(cache_dir), gen_kwargs={"samples": samples}
+    )
+
+
+# --------------------------------------------------------------------------- preference pairs
+PAIR_FEATURES = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def _targets(item: dict[str, np.ndarray]) -> np.ndarray:
+    """Per token: whether it is a supervised target (the stored mask, unshifted). The item's
+    ``loss_mask[t]`` marks the target ``t + 1``; no target crosses a sequence boundary."""
+    lm = np.asarray(item["loss_mask"]) > 0
+    tgt = np.zeros(lm.shape[0], bool)
+    tgt[1:] = lm[:-1]
+    return tgt
+
+
+def pair_row(item: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """One preference sample (a :class:`~sfmed.data.chat.store.PreferenceDataset` item, or a
+    trainer's padded one with ``real`` marking its tokens) as the row TRL's ``DataCollatorForPreference`` takes: ``prompt_ids`` (the tokens
+    both sides share up to the first supervised token), ``chosen_ids`` / ``rejected_ids`` (each
+    side's supervised answer, ``<|im_end|>`` included).
+
+    TRL scores every completion token, so a side's supervised span must be one run of tokens;
+    what follows it (the unsupervised ``\\n`` after ``<|im_end|>``) is dropped: under a causal
+    mask it changes no earlier log-prob. Raises ``ValueError`` for a sample that is not exactly
+    one pair (packed data) or whose sides do not share the prompt.
+    """
+    # Sequence boundaries from the position ids (they restart per sequence), over the real
+    # tokens: the same for a stored sample and a trainer's padded one.
+    n = int(np.asarray(item["real"]).sum()) if "real" in item else len(item["tokens"])
+    tokens = np.asarray(item["tokens"][:n], np.int64)
+    starts = np.flatnonzero(np.asarray(item["position_ids"][:n]) == 0)
+    cu = np.append(starts, n)
+    tgt = _targets(item)[:n]
+    sides = [(a, b) for a, b in zip(cu[:-1], cu[1:], strict=True) if tgt[a:b].any()]
+    if len(sides) != 2:
+        raise ValueError(
+            f"a preference sample holds {len(sides) // 2} pairs; engine=hf trains one pair per "
+            "sample (TRL's DPOTrainer): preprocess with chat.pack=false, or use engine=mcore "
+            "for packed pairs"
+        )
+    out: dict[str, list[int]] = {}
+    prompts = []
+    for name, (a, b) in zip(("chosen_ids", "rejected_ids"), sides, strict=True):
+        x, t = tokens[a:b], np.flatnonzero(tgt[a:b])
+        s, e = int(t[0]), int(t[-1]) + 1
+        if t.size != e - s:
+            raise ValueError(
+                f"the {name[:-4]} answer's supervised tokens are not one span (mask {tgt[a:b]})"
+            )
+        prompts.append(x[:s])
+        out[name] = x[s:e].tolist()
+    if not np.array_equal(prompts[0], prompts[1]):
+        raise ValueError("chosen and rejected of a pair do not share the same prompt tokens")
+    return {"prompt_ids": prompts[0].tolist(), **out}
+
+
+def _pair_rows(samples):
+    # A trainer's samples give the stored sample itself (unpadded) as ``raw``.
+    get = getattr(samples, "raw", samples.__getitem__)
+    for i in range(len(samples)):
+        yield pair_row(get(i))
+
+
+def ordered_pair_rows(samples, cache_dir: str | os.PathLike):
+    """A ``datasets.Dataset`` of the :func:`pair_row` of every sample of ``samples`` (e.g. a
+    :class:`~sfmed.recipes.dpo.PreferenceSamples`), in its order (what TRL's ``DPOTrainer`` takes, already tokenized); cached under ``cache_dir``."""
+    import datasets as hfds
+
+    features = hfds.Features({k: hfds.List(hfds.Value("int32")) for k in PAIR_FEATURES})
+    return hfds.Dataset.from_generator(
+        _pair_rows,
+        features=features,
+        cache_dir=os.fspath(cache_dir),
+        gen_kwargs={"samples": samples},
     )

@@ -1,8 +1,9 @@
 """Compare the per-step records of two runs (the parity gate between the engines).
 
 ``python -m sfmed.hf_engine.parity RUN_A RUN_B [--rtol 1e-4]`` prints the steps both runs
-logged with their loss and grad norm and exits 1 when any differs by more than ``rtol``
-(relative), e.g. a sharded run and an HF-engine run of the same model, data and settings.
+logged with their loss, grad norm and (DPO runs) reward margin and exits 1 when any differs by
+more than ``rtol`` (relative), e.g. a sharded run and an HF-engine run of the same model, data
+and settings.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-KEYS = ("loss", "grad_norm")
+KEYS = ("loss", "grad_norm", "rewards/margins")
+"""Compared per step; a key neither run logs (``rewards/margins`` of SFT runs) is skipped."""
 
 
 def read_metrics(run_dir: str | Path) -> dict[int, dict]:
@@ -30,7 +32,7 @@ def read_metrics(run_dir: str | Path) -> dict[int, dict]:
 
 
 def compare_runs(a: str | Path, b: str | Path, rtol: float = 1e-4) -> tuple[list[dict], list[dict]]:
-    """(rows, failures): per common step, both runs' loss and grad norm and their relative
+    """(rows, failures): per common step, both runs' :data:`KEYS` and their relative
     difference; failures are the rows beyond ``rtol`` or steps only one run logged."""
     ra, rb = read_metrics(a), read_metrics(b)
     rows, failures = [], []
@@ -54,6 +56,10 @@ def compare_runs(a: str | Path, b: str | Path, rtol: float = 1e-4) -> tuple[list
     return rows, failures
 
 
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.6f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the comparison; 0 when the runs agree, 1 when not."""
     p = argparse.ArgumentParser(prog="python -m sfmed.hf_engine.parity", description=__doc__)
@@ -65,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(r) / "metrics.jsonl").is_file():
             p.error(f"{r} has no metrics.jsonl")
     rows, failures = compare_runs(args.run_a, args.run_b, args.rtol)
-    print("step | loss a | loss b | rel | grad_norm a | grad_norm b | rel")
+    keys = [k for k in KEYS if any(r[f"{k}_a"] is not None for r in rows)]
+    print(" | ".join(["step", *(f"{k} a | {k} b | rel" for k in keys)]))
     for r in rows:
-        print(
-            f"{r['step']} | {r['loss_a']:.6f} | {r['loss_b']:.6f} | {r['loss_rel']:.1e} | "
-            f"{r['grad_norm_a'] or 0:.6f} | {r['grad_norm_b'] or 0:.6f} | "
-            f"{r['grad_norm_rel'] if r['grad_norm_rel'] is not None else 0:.1e}"
-        )
+        cells = [str(r["step"])]
+        for k in keys:
+            rel = r[f"{k}_rel"]
+            cells += [_num(r[f"{k}_a"]), _num(r[f"{k}_b"]), "-" if rel is None else f"{rel:.1e}"]
+        print(" | ".join(cells))
     ok = not failures and rows
     print(
         f"{'agree' if ok else 'DIFFER'}: {len(rows)} steps, {len(failures)} beyond rtol={args.rtol}"
