@@ -48,7 +48,7 @@ def check_stage_configs(plan: Plan, compose: Compose) -> dict[str, Any]:
         except ConfigErrors as e:
             if ps.runs:
                 problems += [f"stage {ps.name}: {p}" for p in e.problems]
-        except Exception as e:  # noqa: BLE001 (Hydra's composition errors have many types)
+        except Exception as e:
             if ps.runs:
                 problems.append(f"stage {ps.name}: {str(e).strip().splitlines()[0]}")
     if problems:
@@ -100,4 +100,3 @@ def run_pipeline(cfg: PipelineConfig, argv: list[str], compose: Compose, echo=pr
     echo(summary.read_text(encoding="utf-8"))
     echo(f"pipeline {cfg.recipe.name}: complete; summary {summary}, manifest {manifest.path}")
     return 0
-

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from sfmed.config.pipeline import PipelineConfig
 from sfmed.core.errors import UserError
-from sfmed.core.ports import free_port
 from sfmed.pipeline.manifest import Manifest, now
 from sfmed.pipeline.plan import Plan, PlannedStage
 from sfmed.pipeline.stages.base import REPO, python
@@ -79,10 +78,7 @@ def reconcile(plan: Plan, manifest: Manifest) -> None:
 
 def local_command(ps: PlannedStage) -> list[str]:
     """The full local command line of a stage (torchrun for training stages)."""
-    if ps.kind.training:
-        return [python(), "-m", "torch.distributed.run", f"--nproc_per_node={ps.cfg.nproc_per_node}",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *ps.command]  # fmt: skip
-    return [python(), *ps.command]
+    return [python(), *ps.kind.local_prefix(ps.cfg.nproc_per_node), *ps.command]
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -127,6 +123,16 @@ def run_local(plan: Plan, manifest: Manifest, out_dir: Path, echo=print) -> None
         )
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the pipeline process dies (Linux), so a
+    killed pipeline never leaves a stage training on unwatched; training ranks save and stop."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _run_child(cmd: list[str], log: Path) -> int:
     """Run ``cmd`` with output appended to ``log``; forward SIGINT/SIGTERM to its group."""
     with open(log, "a", encoding="utf-8") as f:
@@ -134,7 +140,7 @@ def _run_child(cmd: list[str], log: Path) -> int:
         f.flush()
         proc = subprocess.Popen(
             cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env(),
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
         got: list[int] = []
 

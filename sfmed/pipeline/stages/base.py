@@ -95,6 +95,10 @@ class StageKind:
         """The command line after ``python`` (or torchrun) that runs the stage."""
         return [str(REPO / self.entry), *args]
 
+    def local_prefix(self, nproc_per_node: int) -> list[str]:
+        """What goes between ``python`` and the command on a local run (e.g. torchrun)."""
+        return []
+
     def files(self, ctx: StageContext) -> dict[Path, str]:
         """Files the stage needs written before it runs (part of its config hash)."""
         return {}

@@ -48,8 +48,10 @@ class EvaluateStage(StageKind):
             "  models:",
             *models,
             "  datasets:",
-            *[f"    - {{name: {r}, kind: {DATA_ROLES[r]}, data: '{p}', format: jsonl}}"
-              for r, p in datasets],  # fmt: skip
+            *[
+                f"    - {{name: {r}, kind: {DATA_ROLES[r]}, data: '{p}', format: jsonl}}"
+                for r, p in datasets
+            ],  # fmt: skip
         ]
         return {self.conf_dir(ctx) / "suite" / f"{SUITE}.yaml": "\n".join(lines) + "\n"}
 

@@ -9,7 +9,11 @@ from sfmed.pipeline.stages import register_stage
 from sfmed.pipeline.stages.base import StageContext, StageKind, arg_value, read_json
 
 SUFFIX = {"pretrain": "_text_document", "sft": "_sft", "preference": "_preference"}
-REPORT = {"pretrain": "report.json", "sft": "sft_report.json", "preference": "preference_report.json"}
+REPORT = {
+    "pretrain": "report.json",
+    "sft": "sft_report.json",
+    "preference": "preference_report.json",
+}
 
 
 def _format(args: list[str]) -> str:

@@ -8,7 +8,6 @@ from pathlib import Path
 from sfmed.pipeline.stages import register_stage
 from sfmed.pipeline.stages.base import StageContext, StageKind, read_json
 
-
 SCHEMAS = {
     "pretrain": "sfmed.config.pretrain:PretrainConfig",
     "sft": "sfmed.config.sft:SFTConfig",
@@ -54,6 +53,12 @@ class TrainingStage(StageKind):
             if ctx.input(role):
                 own.append(f"{key}={ctx.input(role)}")
         return own
+
+    def local_prefix(self, nproc_per_node: int) -> list[str]:
+        from sfmed.core.ports import free_port
+
+        return ["-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]  # fmt: skip
 
     def is_complete(self, out: Path, args: list[str]) -> bool:
         status = read_json(out / "status.json") or {}
