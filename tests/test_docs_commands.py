@@ -46,6 +46,7 @@ COMPOSE = [
     (r"model=(qwen2|qwen2_5|qwen3|llama2|baichuan)\S*_\d", "needs a full-size model and GPUs"),
     (r"\bsources=\[", "needs the user's corpora (conf/sources/*.yaml name the published files)"),
     (r"^accelerate launch ", "needs GPUs (one process per GPU)"),
+    (r"launch/pipeline\.py .*launcher=slurm", "needs Slurm: tests/pipeline/test_pipeline_slurm.py"),
 ]
 
 # Env-only lines (``M=/ckpt/x``, ``export X=...``) set variables for the rest of the block.
@@ -96,7 +97,7 @@ ALL = [c for d in DOCS for c in _commands(d)]
 
 # Commands that read nothing from the sandbox and write only their own folder: a second
 # doc that shows the same command does not run it again.
-SELF_CONTAINED = {"python launch/quickstart.py"}
+SELF_CONTAINED = {"python launch/quickstart.py", "python launch/pipeline.py recipe=tiny_cpu"}
 _FIRST = {}
 for _c in ALL:
     _FIRST.setdefault(_c.text, _c.id)

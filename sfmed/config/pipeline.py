@@ -53,8 +53,10 @@ class CorpusBudget:
     """A corpus of the recipe and its token target (dry-run's budget table)."""
 
     name: str = ""
-    tokens: float = 0.0
     group: str = ""
+    tokens: float | None = None
+    """Target tokens; None: a share of its group's target in proportion to the corpus size."""
+
     note: str = ""
 
 
@@ -64,9 +66,15 @@ class RecipeConfig:
 
     name: str = ""
     description: str = ""
+    base_model: str | None = None
+    """The HF folder the recipe starts from (stages refer to it as ${recipe.base_model})."""
+
     stages: dict[str, StageConfig] = field(default_factory=dict)
     corpora: list[CorpusBudget] = field(default_factory=list)
     """Token targets per corpus (shown by dry_run=true; the data stages' configs apply them)."""
+
+    token_groups: dict[str, float] = field(default_factory=dict)
+    """Target tokens per corpus group (e.g. medical 1.3e9, general 1.4e9)."""
 
     model_params: float | None = None
     """Parameters of the trained model, for the GPU-hour estimate (6 x params x tokens)."""
@@ -79,7 +87,9 @@ class RecipeConfig:
         seen: list[str] = []
         for name, st in self.stages.items():
             if not _NAME.match(name):
-                problems.append(f"recipe.stages.{name}: a stage name is a folder name; use letters, digits, _ . -")
+                problems.append(
+                    f"recipe.stages.{name}: a stage name is a folder name; use letters, digits, _ . -"
+                )
             if st.kind not in STAGE_KINDS:
                 problems.append(
                     f"recipe.stages.{name}.kind={st.kind!r} is not one of {list(STAGE_KINDS)}"

@@ -25,9 +25,12 @@ def budget_lines(cfg: PipelineConfig) -> list[str]:
     groups: dict[str, float] = {}
     w = max(len(c.name) for c in corpora)
     for c in corpora:
-        groups[c.group] = groups.get(c.group, 0.0) + c.tokens
+        if c.tokens is not None:
+            groups[c.group] = groups.get(c.group, 0.0) + c.tokens
+        shown = _tokens(c.tokens) if c.tokens is not None else "by size"
         note = f"  {c.note}" if c.note else ""
-        lines.append(f"  {c.name:<{w}}  {c.group:<8} {_tokens(c.tokens):>8}{note}")
+        lines.append(f"  {c.name:<{w}}  {c.group:<8} {shown:>8}{note}")
+    groups.update(cfg.recipe.token_groups)  # a group target covers its corpora's shares
     for g, t in groups.items():
         lines.append(f"  {'= ' + g:<{w}}  {'':<8} {_tokens(t):>8}")
     lines.append(f"  {'= all':<{w}}  {'':<8} {_tokens(sum(groups.values())):>8}")

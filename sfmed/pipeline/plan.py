@@ -65,15 +65,20 @@ def _split_ref(ref: str) -> tuple[str, str | None]:
     return name, item or None
 
 
-def _external(args: list[str], out_dir: Path, upstream_paths: set[str]) -> dict[str, str]:
-    """Fingerprints of the existing paths the args name outside the pipeline folder."""
+def _external(args: list[str], outs: list[Path], upstream_paths: set[str]) -> dict[str, str]:
+    """Fingerprints of the existing paths the args name outside the pipeline's outputs
+    (``outs``: the run folder and the stage's own output)."""
     found = {}
+    roots = [o.resolve() for o in outs]
     for a in args:
         v = a.partition("=")[2].strip("'\"")
         if "/" not in v or v in upstream_paths or a.startswith("hydra."):
             continue
         p = Path(v)
-        if p.exists() and out_dir.resolve() not in p.resolve().parents:
+        if not p.exists():
+            continue
+        rp = p.resolve()
+        if not any(rp == r or r in rp.parents for r in roots):
             found[v] = fingerprint(p)
     return found
 
@@ -106,7 +111,7 @@ def make_plan(cfg: PipelineConfig, manifest: Manifest) -> Plan:
             role: {"stage": up.name, "path": up.output(item), "key": by_name[up.name].key}
             for role, (up, item) in ctx.inputs.items()
         }
-        external = _external(args, out_dir, {i["path"] for i in inputs.values()})
+        external = _external(args, [out_dir, out], {i["path"] for i in inputs.values()})
         key = stage_key(
             {
                 "kind": st.kind,
@@ -186,7 +191,7 @@ def _check_subset(plan: Plan, by_name: dict, selected: set[str]) -> None:
     ]  # fmt: skip
     if stale_later:
         plan.notes.append(
-            f"{', '.join(stale_later)} depend on stages that run now and will be out of date"
+            f"out of date after this run (not in stages=): {', '.join(stale_later)}"
         )
     if problems:
         raise UserError("\n".join(problems))

@@ -180,7 +180,7 @@ def test_subset_needs_complete_upstream(tmp_path, fakes):
     assert rc == 0 and _ran(fakes) == ["a", "b", "c"]
     # a subset that reruns b leaves c out of date, and says so
     rc, lines = _run(_cfg(tmp_path, b_args=["y=1"], c_args=["x=1"], stages=["b"]))
-    assert any("c depend on stages that run now" in line for line in lines)
+    assert any("out of date after this run (not in stages=): c" in line for line in lines)
 
 
 @pytest.mark.parametrize(
@@ -256,3 +256,15 @@ def test_slurm_chain_with_afterok(tmp_path, fakes, monkeypatch):
     man = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert [man["stages"][s]["job_id"] for s in "abc"] == ["100", "101", "102"]
     assert all(man["stages"][s]["status"] == "submitted" for s in "abc")
+
+
+def test_output_outside_the_run_folder_is_not_an_input(tmp_path, fakes):
+    """A stage writing outside out_dir (e.g. data/indexed for a blend) is not rerun because its
+    own output changed."""
+    cfg = _cfg(tmp_path)
+    cfg.recipe.stages["a"].output = str(tmp_path / "indexed")
+    cfg.recipe.stages["a"].args = [f"output_dir={tmp_path / 'indexed'}"]
+    rc, _ = _run(cfg)
+    assert rc == 0 and (tmp_path / "indexed" / "done.json").is_file()
+    rc, lines = _run(cfg)
+    assert rc == 0 and "skip" in lines[1] and _ran(fakes) == ["indexed", "b", "c"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sfmed.core.errors import ConfigError
 from sfmed.pipeline.stages import register_stage
-from sfmed.pipeline.stages.base import StageContext, StageKind, read_json
+from sfmed.pipeline.stages.base import StageContext, StageKind, arg_value, read_json
 
 SUITE = "pipeline_suite"
 DATA_ROLES = {"mcq": "mcq", "qa": "qa"}  # role -> suite data-set kind
@@ -31,7 +31,10 @@ class EvaluateStage(StageKind):
         return ctx.out.parent / f".{ctx.out.name}.conf"
 
     def files(self, ctx: StageContext) -> dict[Path, str]:
-        """The suite YAML: models and data sets from the stage's inputs."""
+        """The suite YAML: models and data sets from the stage's inputs (none when the stage
+        names its own ``suite=``)."""
+        if arg_value(ctx.cfg.args, "suite"):
+            return {}
         if not ctx.input("model"):
             raise ConfigError(f"recipe.stages.{ctx.name} needs inputs.model=<export stage>")
         datasets = [(r, ctx.input(r)) for r in DATA_ROLES if ctx.input(r)]
@@ -56,6 +59,10 @@ class EvaluateStage(StageKind):
         return {self.conf_dir(ctx) / "suite" / f"{SUITE}.yaml": "\n".join(lines) + "\n"}
 
     def owned_args(self, ctx: StageContext) -> list[str]:
+        if arg_value(ctx.cfg.args, "suite"):
+            # A named suite (conf/eval/suite/): the model under test is its first model.
+            model = [f"suite.models.0.model={ctx.input('model')}"] if ctx.input("model") else []
+            return [*model, f"output_dir={ctx.out}", "overwrite=true"]
         return [
             f"hydra.searchpath=[file://{self.conf_dir(ctx).resolve()}]",
             f"suite={SUITE}",
