@@ -190,8 +190,6 @@ def _check_subset(plan: Plan, by_name: dict, selected: set[str]) -> None:
         and any(by_name[d].runs for d in s.deps)
     ]  # fmt: skip
     if stale_later:
-        plan.notes.append(
-            f"out of date after this run (not in stages=): {', '.join(stale_later)}"
-        )
+        plan.notes.append(f"out of date after this run (not in stages=): {', '.join(stale_later)}")
     if problems:
         raise UserError("\n".join(problems))
