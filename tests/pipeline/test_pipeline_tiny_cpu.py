@@ -1,6 +1,6 @@
 """``python launch/pipeline.py recipe=tiny_cpu`` end to end, killed during SFT and run again.
 
-One run of the README's main command: the pipeline is SIGKILLed once the SFT stage has written
+One run of the README's main command (CPT, SFT, DPO, export, evaluation): the pipeline is SIGKILLed once the SFT stage has written
 its step-6 checkpoint; the second invocation skips the complete stages, resumes SFT from its
 checkpoint and finishes every stage. An uninterrupted SFT run of the same stage config (the
 manifest's overrides, another folder) is the reference: the resumed run's losses and its
@@ -70,10 +70,10 @@ def test_tiny_cpu_killed_in_sft_resumes_to_the_same_numbers(tmp_path):
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    plan = {ln.split()[0]: ln for ln in again.stdout.splitlines()[1:9]}
+    plan = {ln.split()[0]: ln for ln in again.stdout.splitlines()[1:11]}
     for stage in ("assets", "convert", "prep_cpt", "cpt", "prep_sft"):
         assert "skip" in plan[stage], plan[stage]
-    assert "resume" in plan["sft"] and "run" in plan["export"], plan
+    assert "resume" in plan["sft"] and "run" in plan["dpo"] and "run" in plan["export"], plan
 
     man = json.loads((out / "pipeline.json").read_text())
     assert all(r["status"] == "complete" for r in man["stages"].values()), man
@@ -85,6 +85,12 @@ def test_tiny_cpu_killed_in_sft_resumes_to_the_same_numbers(tmp_path):
         res = man["stages"][stage]["result"]
         assert res["step"] == 12 and res["loss"] < 0.8 * res["first_loss"], (stage, res)
         assert (out / f"loss_{stage}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dpo = man["stages"]["dpo"]
+    assert dpo["inputs"]["init_from"]["path"] == str(out / "sft")
+    assert man["stages"]["export"]["inputs"]["src"]["path"] == str(out / "dpo")
+    # chosen answers (right drug) end up preferred over rejected ones (wrong drug)
+    assert dpo["result"]["rewards/margins"] > 0 and dpo["result"]["loss"] < 0.6931
+    assert (out / "loss_dpo.png").is_file()
     summary = (out / "summary.md").read_text()
     assert "## QA-Rouge" in summary and "选择题" in summary and "final" in summary
     report = json.loads((out / "evaluate" / "report.json").read_text())
