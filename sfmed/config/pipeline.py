@@ -35,6 +35,10 @@ class StageConfig:
     args: list[str] = field(default_factory=list)
     """Hydra overrides of the stage's own entry point (the same ones its launch script takes)."""
 
+    extra_args: list[str] = field(default_factory=list)
+    """More overrides after ``args`` (the later value of a key wins): change one setting from
+    the command line without repeating the list, e.g. "recipe.stages.sft.extra_args=['train.steps=50']"."""
+
     output: str | None = None
     """Where the stage writes; default ``<out_dir>/<stage name>``."""
 

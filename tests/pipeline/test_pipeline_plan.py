@@ -268,3 +268,12 @@ def test_output_outside_the_run_folder_is_not_an_input(tmp_path, fakes):
     assert rc == 0 and (tmp_path / "indexed" / "done.json").is_file()
     rc, lines = _run(cfg)
     assert rc == 0 and "skip" in lines[1] and _ran(fakes) == ["indexed", "b", "c"]
+
+
+def test_extra_args_come_after_args_and_count_as_config(tmp_path, fakes):
+    cfg = _cfg(tmp_path, c_args=["steps=1"])
+    _run(cfg)
+    cfg.recipe.stages["c"].extra_args = ["steps=2"]
+    plan = make_plan(cfg, Manifest(cfg.out_dir, "t"))
+    assert plan["c"].args[:2] == ["steps=1", "steps=2"]  # the later value wins in Hydra
+    assert plan["c"].action == "rerun" and "+steps=2" in plan["c"].reason

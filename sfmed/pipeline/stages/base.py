@@ -83,13 +83,14 @@ class StageKind:
             )
         own = self.owned_args(ctx)
         owned = {a.lstrip("+").partition("=")[0] for a in own}
-        clash = [a for a in ctx.cfg.args if a.lstrip("+~").partition("=")[0] in owned]
+        given = [*ctx.cfg.args, *ctx.cfg.extra_args]
+        clash = [a for a in given if a.lstrip("+~").partition("=")[0] in owned]
         if clash:
             raise ConfigError(
                 f"recipe.stages.{ctx.name}.args sets {clash}, which the pipeline sets from the "
                 "stage's output folder and inputs; drop them"
             )
-        return [*ctx.cfg.args, *own]
+        return [*given, *own]
 
     def command(self, ctx: StageContext, args: list[str]) -> list[str]:
         """The command line after ``python`` (or torchrun) that runs the stage."""
