@@ -110,11 +110,14 @@ def test_tiny_cpu_killed_in_sft_resumes_to_the_same_numbers(tmp_path):
     resumed, reference = _losses(out / "sft"), _losses(ref)
     assert sorted(reference) == list(range(1, 13))
     assert [resumed[s] for s in range(1, 13)] == [reference[s] for s in range(1, 13)]
-    p = subprocess.run(
-        [sys.executable, str(REPO / "launch/convert.py"), "to=hf", f"src={ref}",
-         f"dst={tmp_path / 'export_ref'}", "progress=false"],
-        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300,
-    )  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    a, b = _weights(out / "export"), _weights(tmp_path / "export_ref")
+    # the resumed and the uninterrupted SFT end with the same weights, so every later stage
+    # (DPO, export, evaluation: deterministic) ends with the same numbers too
+    for run, dst in ((ref, tmp_path / "export_ref"), (out / "sft", tmp_path / "export_sft")):
+        p = subprocess.run(
+            [sys.executable, str(REPO / "launch/convert.py"), "to=hf", f"src={run}",
+             f"dst={dst}", "progress=false"],
+            capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+    a, b = _weights(tmp_path / "export_sft"), _weights(tmp_path / "export_ref")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
