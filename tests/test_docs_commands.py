@@ -38,6 +38,7 @@ SKIP = [
     (r"^tail -f", "follows a live log"),
     (r"(^|\s)(launch/slurm/submit\.sh|sbatch)\s", "needs Slurm: tests/train/test_slurm.py runs the scripts on a real single-node Slurm"),
     (r"tests/benchmarks/", "benchmark: minutes of machine time, run by hand"),
+    (r"^python launch/pipeline\.py recipe=tiny_cpu$", "runs as written (killed during SFT, then run again to the end) in tests/pipeline/test_pipeline_tiny_cpu.py"),
     (r"tests/gpu/run_all\.sh", "needs a CUDA device (tests/gpu/test_card.py checks the card on CPU)"),
 ]  # fmt: skip
 
@@ -47,6 +48,7 @@ COMPOSE = [
     (r"model=(qwen2|qwen2_5|qwen3|llama2|baichuan)\S*_\d", "needs a full-size model and GPUs"),
     (r"\bsources=\[", "needs the user's corpora (conf/sources/*.yaml name the published files)"),
     (r"^accelerate launch ", "needs GPUs (one process per GPU)"),
+    (r"launch/pipeline\.py .*launcher=slurm", "needs Slurm: tests/pipeline/test_pipeline_slurm.py"),
 ]
 
 # Env-only lines (``M=/ckpt/x``, ``export X=...``) set variables for the rest of the block.
