@@ -19,12 +19,21 @@ from sfmed.core.errors import ConfigError
 
 ENGINES = ("mcore", "hf")
 
-__all__ = ["ENGINES", "HFEngineConfig", "LoraConfig", "SFTConfig", "SFTDataConfig", "register"]
+__all__ = [
+    "ENGINES",
+    "ChatDataConfig",
+    "HFEngineConfig",
+    "LoraConfig",
+    "SFTConfig",
+    "SFTDataConfig",
+    "register",
+]
 
 
 @dataclass
-class SFTDataConfig:
-    """Which SFT datasets to train on (``conf/data/sft_*.yaml``), as preprocessing wrote them."""
+class ChatDataConfig:
+    """Which chat datasets a stage trains on, as ``launch/preprocess.py`` wrote them (shared by
+    SFT's and DPO's ``data`` groups)."""
 
     prefix: str | None = None
     """One SFT dataset: the path without ``.bin``/``.idx`` (e.g. ``data/sft/chatmed_sft``)."""
@@ -36,10 +45,6 @@ class SFTDataConfig:
     seq_length: int | None = None
     """Tokens per training sequence; default: the ``chat.seq_length`` the data was prepared
     with (every dataset of a blend must agree). Larger values pad; smaller ones are refused."""
-
-    mask: str | None = None
-    """Expected loss-mask mode of the data (``all`` | ``last``); checked against each dataset's
-    sidecar when set (the mask is fixed at preprocessing)."""
 
     packed: bool | None = None
     """Expected packing of the data (``true``: several conversations per sample); checked
@@ -63,8 +68,6 @@ class SFTDataConfig:
             )
         if self.seq_length is not None and self.seq_length < 16:
             raise ConfigError(f"data.seq_length={self.seq_length} must be >= 16 (or null)")
-        if self.mask is not None and self.mask not in MASK_MODES:
-            raise ConfigError(f"data.mask={self.mask!r} is not one of {list(MASK_MODES)} (or null)")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         parse_split(self.split)
@@ -81,6 +84,20 @@ class SFTDataConfig:
     def split_weights(self) -> tuple[float, float, float]:
         """``split`` as (train, valid, test) proportions."""
         return parse_split(self.split)
+
+
+@dataclass
+class SFTDataConfig(ChatDataConfig):
+    """Which SFT datasets to train on (``conf/data/sft_*.yaml``), as preprocessing wrote them."""
+
+    mask: str | None = None
+    """Expected loss-mask mode of the data (``all`` | ``last``); checked against each dataset's
+    sidecar when set (the mask is fixed at preprocessing)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mask is not None and self.mask not in MASK_MODES:
+            raise ConfigError(f"data.mask={self.mask!r} is not one of {list(MASK_MODES)} (or null)")
 
 
 @dataclass

@@ -130,6 +130,11 @@ class Recipe:
         the trained model, with ``trainer.build_frozen_model(ckpt)``; not checkpointed."""
         return {}
 
+    def prepare_step(self, trainer, data_iterators: list) -> None:
+        """Called on every rank before each step's (and each validation batch's) schedule, with
+        the iterators it will read: e.g. to score the step's micro-batches with a frozen model
+        in a forward-only pass of its own (collectives allowed: every rank calls it)."""
+
     def forward_step(self, trainer) -> Callable:
         """``forward_step(data_iterator, model_chunk)`` for megatron-core's schedules."""
         raise NotImplementedError

@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sfmed.config.dpo import LOSS_TYPES, DPOLossConfig
 from sfmed.core.errors import ConfigError
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 # Metric names as TRL's DPOTrainer logs them (``nll`` only when rpo_alpha is set).
 METRIC_NAMES = (
@@ -44,57 +43,6 @@ METRIC_NAMES = (
     "logps/chosen",
     "logps/rejected",
 )
-
-
-@dataclass
-class DPOLossConfig:
-    """Which preference loss, and its constants. Validated on construction."""
-
-    loss_type: str = "sigmoid"
-    """sigmoid (DPO; conservative DPO with label_smoothing > 0) | ipo | hinge | robust (rDPO)."""
-
-    beta: float = 0.1
-    """β: the strength of the KL penalty to the reference (τ in the IPO paper)."""
-
-    label_smoothing: float = 0.0
-    """ε, the assumed probability that a preference label is flipped. sigmoid: conservative
-    DPO, ε in [0, 0.5]; robust: ε in [0, 0.5). Not defined for ipo and hinge."""
-
-    rpo_alpha: float | None = None
-    """α of RPO: adds α × (the chosen answers' per-token NLL) to the loss. ``None`` = off."""
-
-    reference_free: bool = False
-    """Score against a uniform reference (reference log-probs taken as 0): no reference model."""
-
-    def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(
-                f"dpo.loss_type={self.loss_type!r} is not one of {list(LOSS_TYPES)}; "
-                "pick one of those"
-            )
-        if not (isinstance(self.beta, int | float) and self.beta > 0):
-            raise ConfigError(f"dpo.beta={self.beta!r} must be a number > 0 (typical: 0.1)")
-        eps = self.label_smoothing
-        if self.loss_type in ("ipo", "hinge") and eps != 0:
-            raise ConfigError(
-                f"dpo.label_smoothing={eps} has no meaning for dpo.loss_type={self.loss_type}; "
-                "set it to 0, or use loss_type=sigmoid (conservative DPO) or robust"
-            )
-        if self.loss_type == "sigmoid" and not 0 <= eps <= 0.5:
-            raise ConfigError(f"dpo.label_smoothing={eps} must be in [0, 0.5] for sigmoid")
-        if self.loss_type == "robust" and not 0 <= eps < 0.5:
-            raise ConfigError(
-                f"dpo.label_smoothing={eps} must be in [0, 0.5) for robust (it divides by 1 - 2ε)"
-            )
-        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
-            raise ConfigError(
-                f"dpo.rpo_alpha={self.rpo_alpha} must be >= 0, or null to switch the NLL term off"
-            )
-
-    @property
-    def needs_token_counts(self) -> bool:
-        """Whether :func:`dpo_loss` needs the answers' token counts (IPO, RPO)."""
-        return self.loss_type == "ipo" or self.rpo_alpha is not None
 
 
 @dataclass

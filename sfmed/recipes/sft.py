@@ -118,7 +118,11 @@ class SFTData:
     """Samples (packs) per dataset."""
 
 
-def _read_meta(prefix: str, key: str) -> dict:
+# Names of each chat-data kind in messages (the ``format=`` of launch/preprocess.py is the kind).
+KIND_NAMES = {"sft": "SFT", "preference": "preference"}
+
+
+def _read_meta(prefix: str, key: str, kind: str = "sft") -> dict:
     from sfmed.data.chat.store import complete_meta
 
     if prefix.endswith((".bin", ".idx", ".json")):
@@ -128,24 +132,26 @@ def _read_meta(prefix: str, key: str) -> dict:
     meta = complete_meta(prefix)
     if meta is None:
         raise ConfigError(
-            f"{key}={prefix} is not a complete SFT dataset ({prefix}.bin/.idx, {prefix}_mask.*, "
-            f"{prefix}.json); fix the path or create it with python launch/preprocess.py "
-            "format=sft ..."
+            f"{key}={prefix} is not a complete {KIND_NAMES[kind]} dataset ({prefix}.bin/.idx, "
+            f"{prefix}_mask.*, {prefix}.json); fix the path or create it with python "
+            f"launch/preprocess.py format={kind} ..."
         )
-    if meta.get("kind") != "sft":
+    if meta.get("kind") != kind:
         raise ConfigError(
-            f"{key}={prefix} holds {meta.get('kind')!r} data, not sft; give an output of "
-            "launch/preprocess.py format=sft"
+            f"{key}={prefix} holds {meta.get('kind')!r} data, not {kind}; give an output of "
+            f"launch/preprocess.py format={kind}"
         )
     return meta
 
 
-def _entries(cfg: SFTConfig) -> list[tuple[str, float, str]]:
+def _entries(cfg, kind: str = "sft") -> list[tuple[str, float, str]]:
     d = cfg.data
     if d.prefix is None and not d.blend:
+        name = KIND_NAMES[kind]
         raise ConfigError(
-            "no SFT data: set data.prefix=<path without .bin/.idx> or data.blend=[{prefix: ..., "
-            "weight: ...}, ...] (make SFT datasets with launch/preprocess.py format=sft)"
+            f"no {name} data: set data.prefix=<path without .bin/.idx> or data.blend=[{{prefix: "
+            f"..., weight: ...}}, ...] (make {name} datasets with launch/preprocess.py "
+            f"format={kind})"
         )
     if d.prefix is not None:
         return [(str(d.prefix), 1.0, "data.prefix")]
@@ -155,11 +161,12 @@ def _entries(cfg: SFTConfig) -> list[tuple[str, float, str]]:
     ]
 
 
-def resolve_data(cfg: SFTConfig, vocab_size: int | None = None) -> SFTData:
-    """Check ``cfg.data`` against the datasets' sidecars (no big reads) and resolve it."""
+def resolve_data(cfg, vocab_size: int | None = None, kind: str = "sft") -> SFTData:
+    """Check ``cfg.data`` (of a chat stage whose datasets are ``kind``) against the datasets'
+    sidecars (no big reads) and resolve it."""
     d = cfg.data
-    entries = _entries(cfg)
-    metas = [_read_meta(p, k) for p, _, k in entries]
+    entries = _entries(cfg, kind)
+    metas = [_read_meta(p, k, kind) for p, _, k in entries]
     lengths = {int(m["seq_length"]) for m in metas}
     if d.seq_length is None and len(lengths) > 1:
         raise ConfigError(
@@ -174,10 +181,11 @@ def resolve_data(cfg: SFTConfig, vocab_size: int | None = None) -> SFTData:
                 f"data.seq_length={seq}; use data.seq_length={m['seq_length']} or preprocess "
                 f"again with chat.seq_length={seq}"
             )
-        if d.mask is not None and m.get("mask") != d.mask:
+        mask = getattr(d, "mask", None)  # SFT only: preference masks are fixed
+        if mask is not None and m.get("mask") != mask:
             raise ConfigError(
                 f"{key}={p} was prepared with chat.mask={m.get('mask')!r}, not data.mask="
-                f"{d.mask!r}; preprocess it again with chat.mask={d.mask} or drop data.mask"
+                f"{mask!r}; preprocess it again with chat.mask={mask} or drop data.mask"
             )
         packed = ((m.get("stats") or {}).get("packing") or {}).get("packed")
         if d.packed is not None and packed is not None and bool(packed) != d.packed:
@@ -194,9 +202,9 @@ def resolve_data(cfg: SFTConfig, vocab_size: int | None = None) -> SFTData:
     pad = d.pad_id
     if pad is None:
         pad = (metas[0].get("tokenizer") or {}).get("eod_id") or 0
-    from sfmed.data.chat.store import SFTDataset
+    from sfmed.data.chat.store import ChatDataset
 
-    counts = [len(SFTDataset(p)) for p, _, _ in entries]
+    counts = [len(ChatDataset(p)) for p, _, _ in entries]
     for (p, _, key), n in zip(entries, counts, strict=True):
         if n == 0:
             raise ConfigError(f"{key}={p} holds no samples; check its preprocessing report")
@@ -228,6 +236,9 @@ class SFTSamples(torch.utils.data.Dataset):
     and ``real`` (1 on tokens of a conversation, 0 on padding).
     """
 
+    dataset_class = "SFTDataset"
+    """The :mod:`sfmed.data.chat.store` reader of the datasets."""
+
     def __init__(self, data: SFTData, parts: list[np.ndarray], size: int, seed: int):
         self.data, self.parts, self.size, self.seed = data, parts, size, seed
         self.which, self.nth = blend_index(data.weights, size)
@@ -239,9 +250,10 @@ class SFTSamples(torch.utils.data.Dataset):
 
     def _datasets(self):
         if self._ds is None:  # opened lazily: DataLoader workers memory-map their own copies
-            from sfmed.data.chat.store import SFTDataset
+            from sfmed.data.chat import store
 
-            self._ds = [SFTDataset(p) for p in self.data.prefixes]
+            cls = getattr(store, self.dataset_class)
+            self._ds = [cls(p) for p in self.data.prefixes]
         return self._ds
 
     def _order(self, k: int, epoch: int) -> np.ndarray:
@@ -251,13 +263,20 @@ class SFTSamples(torch.utils.data.Dataset):
             self._perm = {key: self.parts[k][rng.permutation(len(self.parts[k]))]}
         return self._perm[key]
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        from sfmed.data.chat.store import IGNORE_INDEX, ChatDataset
-
+    def raw(self, i: int) -> dict[str, np.ndarray]:
+        """Sample ``i`` as its dataset returns it (unpadded)."""
         k, n = int(self.which[i]), int(self.nth[i])
         part = self.parts[k]
         idx = int(self._order(k, n // len(part))[n % len(part)])
-        raw = self._datasets()[k][idx]
+        return self._datasets()[k][idx]
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.padded(self.raw(i))
+
+    def padded(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A raw sample as a fixed-length training item (see the class docstring)."""
+        from sfmed.data.chat.store import IGNORE_INDEX, ChatDataset
+
         real = raw["tokens"].shape[0]
         s = ChatDataset.pad(raw, self.data.seq_length, self.data.pad_id)
         labels = s["labels"]

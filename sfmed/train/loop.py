@@ -169,6 +169,7 @@ def train_step(ctx, data_iterators) -> StepResult:
     for m in ctx.model:
         m.zero_grad_buffer()
     ctx.optimizer.zero_grad()
+    ctx.recipe.prepare_step(ctx, data_iterators)
     losses = _forward_backward(ctx, data_iterators, forward_only=False)
     rep = ctx.recipe.summarize(reduce_reports(losses, ctx.recipe.reports, ctx.device))
     loss, tokens = rep.loss, rep.loss_tokens
@@ -205,6 +206,7 @@ def evaluate(ctx, valid_dataset):
     totals = {n: [0.0] * w for n, w in ctx.recipe.reports.items()}
     with torch.no_grad():
         for _ in range(ctx.cfg.train.eval_iters):
+            ctx.recipe.prepare_step(ctx, iters)
             losses = _forward_backward(ctx, iters, forward_only=True)
             for n, v in reduce_reports(losses, ctx.recipe.reports, ctx.device).items():
                 totals[n] = [a + b for a, b in zip(totals[n], v, strict=True)]
