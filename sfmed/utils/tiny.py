@@ -147,6 +147,14 @@ def make_tiny_sentencepiece(
     text = corpus if corpus is not None else _DEFAULT_CORPUS
     lines = [line for line in text.splitlines() if line]
     symbols = [f"<reserved_{i}>" for i in range(3, 3 + reserved)]
+    # control ids, reserved symbols, 256 byte pieces, every character of the corpus (spaces
+    # become "▁"; NFKC may merge a few more, so this bound is at most a little high)
+    least = 3 + reserved + 256 + len(set("".join(lines).replace(" ", "\u2581")) | {"\u2581"})
+    if vocab_size < least:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for reserved={reserved} and this corpus: "
+            f"it needs at least {least} ids"
+        )
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines * 4),
