@@ -13,7 +13,7 @@ spot (SentencePiece for LLaMA and Baichuan, Baichuan's with its reserved user/as
 * ``launch/sft.py`` from the pretrained checkpoint: the supervised loss falls;
 * LLaMA and Baichuan: ``launch/preprocess.py format=preference`` and ``launch/dpo.py`` from the
   SFT checkpoint: at step 1 the policy equals the reference, so the loss is ln 2 (within 1e-5)
-  and the reward margin 0.
+  and the reward margin 0; the loss then falls.
 """
 
 from __future__ import annotations
@@ -285,3 +285,4 @@ def _chat_stages(run: str, fmt: str, pretrained: Path, tmp: Path) -> None:
     assert abs(d[1]["rewards/margins"]) <= 1e-5, d[1]
     assert d[1]["logps/chosen"] < 0 and d[1]["logps/rejected"] < 0
     assert all(np.isfinite(d[s]["loss"]) for s in d)
+    assert d[DPO_STEPS]["loss"] < d[1]["loss"], d  # the preference is being learnt
