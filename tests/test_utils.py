@@ -207,3 +207,32 @@ def test_logging_levels_and_filters(capfd):
         assert [str(w.message) for w in caught] == ["a real problem"]
     finally:
         logging.basicConfig(level=logging.WARNING, force=True)
+
+
+def test_tiny_sentencepiece_llama_ids_and_baichuan_reserved(tmp_path):
+    """The tiny SentencePiece builder: LLaMA's control ids, byte fallback (no <unk> on unseen
+    text), and with ``reserved=194`` single ids 195/196 that the baichuan chat format binds."""
+    import sentencepiece as spm
+
+    from sfmed.data.chat.formats import make_format
+    from sfmed.data.tokenizer import load_tokenizer
+    from sfmed.utils.tiny import make_tiny_sentencepiece
+
+    plain = make_tiny_sentencepiece(tmp_path / "llama", vocab_size=500)
+    sp = spm.SentencePieceProcessor(model_file=str(plain / "tokenizer.model"))
+    assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
+    assert sp.get_piece_size() <= 500
+    unseen = "罕见字龘 and Ünïcode"
+    ids = sp.encode(unseen)
+    assert sp.unk_id() not in ids and sp.decode(ids) == unseen
+
+    bc = make_tiny_sentencepiece(tmp_path / "baichuan", reserved=194)
+    tok = load_tokenizer(bc, with_hash=False)
+    assert tok.info.eod_id == 2 and tok.info.vocab_size <= 900
+    fmt = make_format("baichuan", id_to_token=tok.id_to_token)
+    assert (fmt.user, fmt.assistant) == ("<reserved_195>", "<reserved_196>")
+    assert tok.token_id(fmt.user) == 195 and tok.token_id(fmt.assistant) == 196
+    ids, _ = tok.encode_flat([f"问{fmt.user}答{fmt.assistant}"])
+    assert 195 in ids.tolist() and 196 in ids.tolist()  # one id each, even inside text
+    with pytest.raises(ValueError, match="vocab_size=300 is too small for reserved=194"):
+        make_tiny_sentencepiece(tmp_path / "small", vocab_size=300, reserved=194)

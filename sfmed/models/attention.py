@@ -249,6 +249,20 @@ def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
 
 
+def packed_alibi_bias(slopes: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Additive ``[1, heads, t, t]`` ALiBi bias of a pack: ``slope_h * (j - i)`` where query
+    ``i`` may attend key ``j`` (``allowed``, block-causal), ``-inf`` elsewhere. Within a
+    sequence this differs from Baichuan's ``slope_h * (key position in the sequence)`` by a
+    per-row constant, which softmax ignores; the relative form keeps the values small (exact
+    in half precision near the diagonal) however long the pack."""
+    t = allowed.shape[0]
+    pos = torch.arange(t, device=allowed.device, dtype=torch.float32)
+    rel = pos[None, :] - pos[:, None]
+    s = slopes.to(device=allowed.device, dtype=torch.float32)
+    bias = s[:, None, None] * rel[None]
+    return bias.masked_fill(~allowed, float("-inf")).unsqueeze(0)
+
+
 _FLEX: dict = {}
 
 
@@ -282,7 +296,8 @@ def packed_attention(
     dimension squeezed, RoPE already applied per sequence through ``cu_seqlens``). Kernels:
     ``flash`` (``attention_backend=flash``): flash-attn's varlen kernel on CUDA in bf16/fp16;
     otherwise FlexAttention with a document mask on CUDA (no dropout; memory linear in ``t``);
-    else, and on CPU, SDPA with a dense block-diagonal causal mask (memory ``t^2``).
+    else, on CPU, and with ALiBi (``mod.alibi_slopes``; :func:`packed_alibi_bias`), SDPA with a
+    dense block-diagonal causal mask (memory ``t^2``).
     Returns ``[t, heads * head_dim]``.
     """
     if params.qkv_format != "thd":
@@ -294,7 +309,8 @@ def packed_attention(
     dropout_p = mod.dropout_p if mod.training else 0.0
     cuda = query.is_cuda
     half = query.dtype in (torch.float16, torch.bfloat16)
-    if flash and cuda and half and flash_varlen() is not None:
+    slopes = getattr(mod, "alibi_slopes", None)
+    if flash and cuda and half and slopes is None and flash_varlen() is not None:
         cu = cu_q.to(torch.int32)
         max_len = params.max_seqlen_q or int((cu[1:] - cu[:-1]).max())
 
@@ -313,10 +329,13 @@ def packed_attention(
         rep = mod.num_heads // mod.num_groups
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         gqa = False
-    if cuda and dropout_p == 0.0 and _has_flex():
+    if cuda and dropout_p == 0.0 and slopes is None and _has_flex():
         context = _flex_attention(q, k, v, cu_q, mod.softmax_scale, gqa)
     else:
+        # ALiBi packs take this dense path on every device (a bias over [t, t]).
         mask = block_causal_mask(cu_q, t)
+        if slopes is not None:
+            mask = packed_alibi_bias(slopes, mask).to(q.dtype)
         kw = {"enable_gqa": True} if gqa else {}
 
         def dense():

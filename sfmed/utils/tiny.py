@@ -123,3 +123,56 @@ def make_tiny_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     return out
+
+
+def make_tiny_sentencepiece(
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 900,
+    reserved: int = 0,
+    corpus: str | None = None,
+) -> Path:
+    """Train and save a small SentencePiece BPE model in LLaMA's shape (no download):
+    ``<unk>``/``<s>``/``</s>`` at ids 0/1/2, byte fallback, ``tokenizer.model`` in ``out_dir``.
+
+    ``reserved`` adds ``<reserved_3>`` ... ``<reserved_{reserved + 2}>`` as single-id symbols
+    right after them (id = the number in the name), as Baichuan's vocabulary reserves ids (its
+    chat format uses ids 195/196: ``reserved=194``). ``vocab_size`` must not exceed the tiny
+    model's vocabulary.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    text = corpus if corpus is not None else _DEFAULT_CORPUS
+    lines = [line for line in text.splitlines() if line]
+    symbols = [f"<reserved_{i}>" for i in range(3, 3 + reserved)]
+    # control ids, reserved symbols, 256 byte pieces, every character of the corpus (spaces
+    # become "▁"; NFKC may merge a few more, so this bound is at most a little high)
+    least = 3 + reserved + 256 + len(set("".join(lines).replace(" ", "\u2581")) | {"\u2581"})
+    if vocab_size < least:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for reserved={reserved} and this corpus: "
+            f"it needs at least {least} ids"
+        )
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines * 4),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small corpus may hold fewer merges: take what there is
+        character_coverage=1.0,
+        byte_fallback=True,  # any text encodes without <unk>, as LLaMA's tokenizer does
+        user_defined_symbols=symbols,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        add_dummy_prefix=True,
+        minloglevel=2,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    return out
