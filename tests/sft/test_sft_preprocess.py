@@ -398,3 +398,33 @@ def test_rerun_reuses_complete_outputs(tmp_path, tiny_tokenizer_dir):
         tmp_path, tiny_tokenizer_dir, inp, format="sft", chat={"mask": "last"}, force=True
     )
     assert preprocess(forced)["sources"]["src"]["reused"] is False
+
+
+def test_a_source_that_keeps_nothing_is_refused(tmp_path, tiny_tokenizer_dir):
+    """Every pair's prompt longer than seq_length (or every conversation broken): refused with
+    the drop counts and what to change, and no dataset left that a trainer would pick up."""
+    from sfmed.core.errors import UserError
+
+    long = [{"prompt": "很长的问题" * 80, "chosen": "a", "rejected": "b"}] * 3
+    inp = _w(tmp_path / "p.jsonl", long)
+    ok = _w(
+        tmp_path / "ok.jsonl", [{"prompt": "问", "chosen": "建议就医。", "rejected": "不用管。"}]
+    )
+    # The same folder held a complete dataset of this name from an earlier run.
+    preprocess(
+        _cfg(tmp_path, tiny_tokenizer_dir, ok, format="preference", chat={"seq_length": 300})
+    )
+    old = tmp_path / "out" / "src_preference"
+    assert PreferenceDataset(old) is not None
+    with pytest.raises(UserError) as e:
+        preprocess(
+            _cfg(tmp_path, tiny_tokenizer_dir, inp, format="preference", chat={"seq_length": 300})
+        )
+    msg = str(e.value)
+    assert "all 3 records were dropped" in msg and "'prompt_too_long': 3" in msg
+    assert "raise chat.seq_length" in msg
+    assert not list((tmp_path / "out").glob("src_preference*"))
+
+    broken = _w(tmp_path / "s.jsonl", [BAD["empty_assistant"], BAD["malformed"]])
+    with pytest.raises(UserError, match="all 2 records were dropped, no conversations kept"):
+        preprocess(_cfg(tmp_path, tiny_tokenizer_dir, broken, format="sft"))

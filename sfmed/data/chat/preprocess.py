@@ -24,7 +24,7 @@ from sfmed.core.errors import UserError
 from sfmed.data.chat.encode import ChatEncoder, Encoded
 from sfmed.data.chat.formats import Turn, resolve_format
 from sfmed.data.chat.pack import pack_bfd, packing_stats
-from sfmed.data.chat.store import ChatWriter, complete_meta
+from sfmed.data.chat.store import ChatWriter, complete_meta, remove_chat_outputs
 from sfmed.data.chat.turns import PAIR_REASONS, SFT_REASONS, BadRecord, make_pairs, make_turns
 from sfmed.data.indexed import optimal_dtype
 from sfmed.data.io import read_all
@@ -37,6 +37,37 @@ logger = logging.getLogger(__name__)
 
 class BadChatRecordError(UserError, ValueError):
     """strict=true and a record or pair cannot be used."""
+
+
+class NothingKeptError(UserError):
+    """A chat source kept no conversation (or pair): every record was dropped."""
+
+
+# What to change when every record of a source is dropped for one reason.
+_NOTHING_KEPT_FIX = {
+    "too_long": "raise chat.seq_length, or chat.overflow=truncate to cut what does not fit",
+    "prompt_too_long": "raise chat.seq_length: each pair's prompt alone does not fit",
+    "same_after_truncation": "raise chat.seq_length: truncation leaves chosen equal to rejected",
+    "malformed": "check the record layout (messages/conversations, question/response_*, "
+    "prompt/chosen/rejected) against the samples in the report",
+}
+
+
+def _check_kept(src: _Source, kind: str) -> None:
+    """Refuse a source that kept nothing: a dataset with no sample would only fail in training."""
+    if src.items:
+        return
+    dropped = {r: n for r, n in src.st["dropped"].items() if n}
+    if not dropped:
+        raise NothingKeptError(f"{src.name}: no records found; check input= and reader=")
+    top = max(dropped, key=dropped.get)
+    fix = _NOTHING_KEPT_FIX.get(top, "see the samples above for what each record lacks")
+    samples = "".join(f"\n  {x}" for x in src.st["samples"][:3])
+    unit = "pairs" if kind == "preference" else "conversations"
+    raise NothingKeptError(
+        f"{src.name}: all {src.st['records']} records were dropped, no {unit} kept "
+        f"(dropped: {dropped}); {fix}. Nothing was written for this source.{samples}"
+    )
 
 
 class ChatEncodingMismatch(RuntimeError):
@@ -223,6 +254,9 @@ def preprocess_chat(cfg: PreprocessConfig) -> dict[str, Any]:
             src = _Source(s.name, s.group, reasons, cfg)
             run = _run_sft if kind == "sft" else _run_pairs
             run(src, s, extract, enc, dtype, _Verifier(cfg.verify_tokenizer, enc, cfg.tokenizer))
+            if not src.items:
+                remove_chat_outputs(prefix)  # an older output must not pass for this run's
+                _check_kept(src, kind)
             src.st["prefix"] = str(prefix)
             src.st["reused"] = False
             files = [str(f) for f in s.files]
