@@ -73,6 +73,10 @@ def _stage_tokens(plan: Plan, typed: dict[str, Any]) -> dict[str, tuple[str, flo
 
 def run_pipeline(cfg: PipelineConfig, argv: list[str], compose: Compose, echo=print) -> int:
     """Plan, check, then run (or print the plan with ``dry_run``); returns the exit code."""
+    # Relative folders mean the user's working directory, wherever the stages run (Slurm jobs
+    # start in the submit directory); the manifest records absolute paths.
+    cfg.out_dir = str(Path(cfg.out_dir).absolute())
+    cfg.data_root = str(Path(cfg.data_root).absolute())
     out_dir = Path(cfg.out_dir)
     manifest = Manifest(out_dir, cfg.recipe.name)
     plan = make_plan(cfg, manifest)

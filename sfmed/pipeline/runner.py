@@ -139,7 +139,7 @@ def _run_child(cmd: list[str], log: Path) -> int:
         f.write(f"\n=== {now()} {shlex.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(
-            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env(),
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(),
             start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
         got: list[int] = []
@@ -164,7 +164,7 @@ def _run_child(cmd: list[str], log: Path) -> int:
 def _sbatch(args: list[str], env: dict[str, str]) -> str:
     try:
         p = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True,
-                           env=env, cwd=REPO, timeout=120)  # fmt: skip
+                           env=env, timeout=120)  # fmt: skip
     except FileNotFoundError:
         raise UserError("launcher=slurm needs Slurm's sbatch on PATH") from None
     if p.returncode != 0:
@@ -183,7 +183,9 @@ def run_slurm(
         if getattr(cfg.slurm, opt):
             common.append(f"--{opt}={getattr(cfg.slurm, opt)}")
     common += list(cfg.slurm.extra)
-    env = dict(_child_env(), SFMED_ROOT=str(REPO), SFMED_PYTHON=python())
+    # Jobs start in this (the submit) directory, where the user's relative paths point; the
+    # entry points are given by absolute path.
+    env = dict(_child_env(), SFMED_ROOT=os.getcwd(), SFMED_PYTHON=python())
     prev: str | None = None
     jobs = []
     for ps in plan.stages:

@@ -137,11 +137,21 @@ SOURCES = {
     ],
     "llama2_13b": [f"source: {_TTL} llama2_13b"],
     "llama2_70b": [f"source: {_TTL} llama2_70b"],
-    "chinese_llama_plus_7b": [_NONE],
+    "chinese_llama_plus_7b": [
+        "source: ymcui/Chinese-LLaMA-Alpaca README.md (model table: vocabulary 49953); th"
+        "e other fields are LLaMA-7B's, which the merge script keeps (scripts/merge_llama"
+        "_with_chinese_lora.py)"
+    ],
     "ziya_13b": [_NONE],
     "baichuan2_7b": [_NONE],
-    "baichuan2_13b": [_NONE],
-    "baichuan_13b": [_NONE],
+    "baichuan2_13b": [
+        "source: inclusionAI/Ling mindie_config/atb_models/build/lib/atb_llm/models/baich"
+        "uan/v2_13b/config_baichuan.py (Baichuan2-13B's config: every field)"
+    ],
+    "baichuan_13b": [
+        "source: AlibabaPAI/FlashModels hf_models/config/baichuan-13b-base/configuration_"
+        "baichuan.py (the release's BaichuanConfig defaults: every field)"
+    ],
 }
 
 # The variant facts each release's own code has (not in its config.json).
