@@ -56,7 +56,9 @@ class Plan:
         out = []
         for s in self.stages:
             proc = f" x{s.cfg.nproc_per_node}" if s.kind.training else ""
-            out.append(f"  {s.name:<{w}}  {s.kind.kind + proc:<13} {s.action:<8} {s.reason}")
+            desc = s.kind.describe(s.args)
+            line = f"  {s.name:<{w}}  {s.kind.kind + proc:<13} {s.action:<8} {s.reason}"
+            out.append(f"{line}  [{desc}]" if desc else line)
         return out + [f"  note: {n}" for n in self.notes]
 
 

@@ -118,6 +118,10 @@ class StageKind:
         """The stage's final numbers for the manifest and the summary."""
         return {}
 
+    def describe(self, args: list[str]) -> str:
+        """What the plan line says the stage does besides its kind (engine, format, task)."""
+        return ""
+
 
 def python() -> str:
     """The interpreter that runs the stages (this one)."""

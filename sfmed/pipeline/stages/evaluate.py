@@ -1,6 +1,8 @@
-"""``evaluate``: the report tables (``launch/evaluate.py suite=...``) for the recipe's models.
+"""``evaluate``: the report tables (``launch/evaluate.py suite=...``) for the recipe's models,
+or one task (``task=<name>`` in the stage's args, e.g. ``reference_metrics`` or
+``drug_indication``) on the model of its ``model`` input.
 
-The stage writes a suite YAML (models x data sets) next to its output folder and points
+Without ``suite=`` or ``task=`` the stage writes a suite YAML (models x data sets) next to its output folder and points
 ``launch/evaluate.py`` at it through Hydra's search path, so the stage runs the same entry and
 suite code as a hand-written ``suite=<name>``.
 """
@@ -26,6 +28,15 @@ class EvaluateStage(StageKind):
     roles = {"model": "suite.models", "baseline": "suite.models", "mcq": "suite.datasets",
              "qa": "suite.datasets"}  # fmt: skip
 
+    def _task(self, ctx: StageContext) -> str | None:
+        task = arg_value([*ctx.cfg.args, *ctx.cfg.extra_args], "task")
+        if task and arg_value([*ctx.cfg.args, *ctx.cfg.extra_args], "suite"):
+            raise ConfigError(
+                f"recipe.stages.{ctx.name}.args set both task= and suite=; give one (a suite "
+                "runs its own tasks)"
+            )
+        return task
+
     def conf_dir(self, ctx: StageContext) -> Path:
         """Where the stage's suite YAML is written (a sibling of its output folder)."""
         return ctx.out.parent / f".{ctx.out.name}.conf"
@@ -33,7 +44,7 @@ class EvaluateStage(StageKind):
     def files(self, ctx: StageContext) -> dict[Path, str]:
         """The suite YAML: models and data sets from the stage's inputs (none when the stage
         names its own ``suite=``)."""
-        if arg_value(ctx.cfg.args, "suite"):
+        if arg_value(ctx.cfg.args, "suite") or self._task(ctx):
             return {}
         if not ctx.input("model"):
             raise ConfigError(f"recipe.stages.{ctx.name} needs inputs.model=<export stage>")
@@ -59,6 +70,17 @@ class EvaluateStage(StageKind):
         return {self.conf_dir(ctx) / "suite" / f"{SUITE}.yaml": "\n".join(lines) + "\n"}
 
     def owned_args(self, ctx: StageContext) -> list[str]:
+        task = self._task(ctx)
+        if task:
+            # One task scores one model: its data and settings are the stage's own args.
+            other = sorted(set(ctx.cfg.inputs) - {"model"})
+            if other:
+                raise ConfigError(
+                    f"recipe.stages.{ctx.name} runs task={task} on one model; its inputs take "
+                    f"only 'model', not {other} (name its data with data=... in its args)"
+                )
+            model = [f"model={ctx.input('model')}"] if ctx.input("model") else []
+            return [*model, f"output_dir={ctx.out}", "overwrite=true"]
         if arg_value(ctx.cfg.args, "suite"):
             # A named suite (conf/eval/suite/): the model under test is its first model.
             model = [f"suite.models.0.model={ctx.input('model')}"] if ctx.input("model") else []
@@ -70,11 +92,17 @@ class EvaluateStage(StageKind):
             "overwrite=true",
         ]
 
+    def describe(self, args: list[str]) -> str:
+        task, suite = arg_value(args, "task"), arg_value(args, "suite")
+        return f"task={task}" if task else f"suite={suite}" if suite != SUITE else "suite (inputs)"
+
     def is_complete(self, out: Path, args: list[str]) -> bool:
-        return read_json(out / "report.json") is not None  # written last by the suite
+        # Written last: a suite's report.json, a single task's <task>.json.
+        return read_json(out / f"{arg_value(args, 'task') or 'report'}.json") is not None
 
     def result(self, out: Path, args: list[str]) -> dict:
-        return {"report": str(out / "report.md")} if (out / "report.md").is_file() else {}
+        md = out / f"{arg_value(args, 'task') or 'report'}.md"
+        return {"report": str(md)} if md.is_file() else {}
 
 
 register_stage(EvaluateStage())

@@ -66,6 +66,12 @@ class PreprocessStage(StageKind):
             item = sources[0]
         return str(out / f"{item}{SUFFIX.get(_format(args), '_text_document')}")
 
+    def describe(self, args: list[str]) -> str:
+        fmt = _format(args)
+        if fmt == "pretrain":
+            return "format=pretrain"
+        return f"format={fmt}, chat.template={arg_value(args, 'chat.template') or 'auto'}"
+
     def result(self, out: Path, args: list[str]) -> dict:
         report = read_json(out / REPORT.get(_format(args), "report.json")) or {}
         total = report.get("total") or report.get("totals") or {}
