@@ -24,25 +24,9 @@ register()
 
 @hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from sfmed.core.logging import quiet_third_party
-
-    quiet_third_party()  # before megatron-core is imported
-    if cfg.engine == "hf":
-        from omegaconf import OmegaConf
-
-        from sfmed.core.cli import run_cli
-
-        def _hf():
-            hold_sigterm(False)
-            from sfmed.hf_engine.sft import run
-
-            return run(OmegaConf.to_object(cfg))
-
-        run_cli("sft", _hf)
-        return
     from sfmed.train.entry import launch
 
-    launch("sft", cfg, SFTConfig, "sfmed.recipes.sft:SFTRecipe")
+    launch("sft", cfg, SFTConfig, "sfmed.recipes.sft:SFTRecipe", hf_run="sfmed.hf_engine.sft:run")
 
 
 if __name__ == "__main__":

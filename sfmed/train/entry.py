@@ -12,11 +12,33 @@ import importlib
 from typing import Any
 
 
-def launch(prog: str, cfg: Any, schema: type, recipe: str) -> str:
+def _resolve(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def launch(prog: str, cfg: Any, schema: type, recipe: str, hf_run: str | None = None) -> str:
     """Validate ``cfg`` against ``schema`` and train the recipe ``"module:Class"``; returns
-    'complete' or 'interrupted' (after printing ``<prog>: <status>`` on rank 0)."""
+    'complete' or 'interrupted' (after printing ``<prog>: <status>`` on rank 0).
+
+    A stage with a Hugging Face engine names its entry ``hf_run`` (``"module:function"`` taking
+    the typed config); ``engine=hf`` runs that instead of the sharded recipe.
+    """
     from sfmed.config.validate import validate_run_config
     from sfmed.core.cli import hold_sigterm, is_rank0, run_cli
+
+    if hf_run is not None and cfg.get("engine") == "hf":
+        from omegaconf import OmegaConf
+
+        from sfmed.core.logging import quiet_third_party
+
+        quiet_third_party()
+
+        def _hf() -> str:
+            hold_sigterm(False)
+            return _resolve(hf_run)(OmegaConf.to_object(cfg))
+
+        return run_cli(prog, _hf)
 
     def _train() -> str:
         conf = validate_run_config(cfg, schema)
@@ -28,8 +50,7 @@ def launch(prog: str, cfg: Any, schema: type, recipe: str) -> str:
         # Before the plan and megatron-core's import: their warnings shown once (rank 0), with
         # the known third-party noise filtered.
         setup_logging(conf.logging.level, int(os.environ.get("RANK", "0")))
-        module, name = recipe.split(":")
-        recipe_cls = getattr(importlib.import_module(module), name)
+        recipe_cls = _resolve(recipe)
         from sfmed.train.trainer import run
 
         return run(conf, recipe_cls(conf))
