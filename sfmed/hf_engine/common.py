@@ -458,3 +458,37 @@ __all__ = [
     "training_args",
     "write_status",
 ]
+
+
+def train_rows(cfg, plan: dict, trainer_cls, precision: str, **trainer_kw) -> str:
+    """Build the engine's trainer (``trainer_cls``, an :class:`EngineTrainerMixin` subclass) on
+    ``cfg.hf.model``'s architecture with the metrics sink and signal callback every HF run has,
+    train, and finish the run folder; ``trainer_kw`` are the stage's own arguments (model, args,
+    train_dataset, processing_class, ...). Returns the run status."""
+    import os
+
+    from sfmed.models import arch_from_hf_config
+    from sfmed.train.metrics import MetricsSink, flops_per_token, peak_tflops
+
+    arch = arch_from_hf_config(cfg.hf.model)
+    fpt = flops_per_token(arch, plan["data"].seq_length, arch.vocab_size, causal=False)
+    sink = MetricsSink(
+        plan["run_dir"],
+        enabled=int(os.environ.get("RANK", "0")) == 0,
+        wandb_cfg=cfg.logging.wandb,
+        run_name=cfg.run_name,
+        config=config_dict(cfg),
+        resume_step=resume_step(plan["resume_from"]),
+    )
+    signals = signals_callback(list(cfg.train.exit_signals), cfg.train.exit_duration_minutes)
+    trainer = trainer_cls(
+        optim_cfg=cfg.optim,
+        callbacks=[signals],
+        sink=sink,
+        steps_total=cfg.train.steps,
+        flops_per_token=fpt,
+        peak=peak_tflops(precision, cfg.logging.peak_tflops),
+        log_interval=cfg.logging.interval,
+        **trainer_kw,
+    )
+    return train_and_finish(cfg, trainer, signals, sink, trainer_kw["processing_class"], plan)

@@ -29,7 +29,6 @@ by step (the parity gate):
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,13 +37,10 @@ from sfmed.core.errors import ConfigError, UserError
 from sfmed.hf_engine.common import (
     EngineTrainerMixin,
     check_engine,
-    config_dict,
     device_and_precision,
     load_model,
     lora_config,
-    resume_step,
-    signals_callback,
-    train_and_finish,
+    train_rows,
     training_args,
 )
 
@@ -242,15 +238,12 @@ def run(cfg: DPOConfig) -> str:
     from trl import DPOConfig as TRLConfig
 
     from sfmed.hf_engine.data import ordered_pair_rows
-    from sfmed.models import arch_from_hf_config
     from sfmed.recipes.dpo import PreferenceSamples
     from sfmed.recipes.sft import split_parts
-    from sfmed.train.metrics import MetricsSink, flops_per_token, peak_tflops
 
     t, h = cfg.train, cfg.hf
     run_dir: Path = plan["run_dir"]
     cuda, precision = device_and_precision(cfg)
-    rank = int(os.environ.get("RANK", "0"))
 
     # Data: the sharded engine's training samples in its seeded order: step k reads samples
     # [k * global_batch, (k + 1) * global_batch), the same in both engines.
@@ -277,32 +270,10 @@ def run(cfg: DPOConfig) -> str:
         disable_dropout=True,
         pad_to_multiple_of=None,
     )
-    arch = arch_from_hf_config(h.model)
-    fpt = flops_per_token(arch, data.seq_length, arch.vocab_size, causal=False)
-    sink = MetricsSink(
-        run_dir,
-        enabled=rank == 0,
-        wandb_cfg=cfg.logging.wandb,
-        run_name=cfg.run_name,
-        config=config_dict(cfg),
-        resume_step=resume_step(plan["resume_from"]),
-    )
-    signals = signals_callback(list(t.exit_signals), t.exit_duration_minutes)
-    trainer = _trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=rows,
-        processing_class=tokenizer,
-        peft_config=lora_config(h.lora) if h.lora.enabled else None,
-        optim_cfg=cfg.optim,
-        callbacks=[signals],
-        sink=sink,
-        steps_total=t.steps,
-        flops_per_token=fpt,
-        peak=peak_tflops(precision, cfg.logging.peak_tflops),
-        log_interval=cfg.logging.interval,
-    )
-    return train_and_finish(cfg, trainer, signals, sink, tokenizer, plan)
+    return train_rows(
+        cfg, plan, _trainer_class(), precision, model=model, args=args, train_dataset=rows,
+        processing_class=tokenizer, peft_config=lora_config(h.lora) if h.lora.enabled else None,
+    )  # fmt: skip
 
 
 __all__ = ["PAIR_METRICS", "run", "trl_loss"]

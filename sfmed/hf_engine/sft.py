@@ -25,7 +25,6 @@ or ``<run>/merged`` (adapters folded into the base weights) and/or ``<run>/adapt
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,15 +33,12 @@ from sfmed.hf_engine.common import (
     EngineTrainerMixin,
     MegatronSchedule,
     check_engine,
-    config_dict,
     device_and_precision,
     export,
     load_model,
     lora_config,
     param_groups,
-    resume_step,
-    signals_callback,
-    train_and_finish,
+    train_rows,
     training_args,
 )
 
@@ -165,13 +161,10 @@ def run(cfg: SFTConfig) -> str:
     from trl import SFTConfig as TRLConfig
 
     from sfmed.hf_engine.data import ordered_rows
-    from sfmed.models import arch_from_hf_config
-    from sfmed.train.metrics import MetricsSink, flops_per_token, peak_tflops
 
     t, h = cfg.train, cfg.hf
     run_dir: Path = plan["run_dir"]
     cuda, precision = device_and_precision(cfg)
-    rank = int(os.environ.get("RANK", "0"))
 
     # Data: the sharded engine's training samples in its seeded order: step k reads samples
     # [k * global_batch, (k + 1) * global_batch), the same in both engines.
@@ -200,33 +193,10 @@ def run(cfg: SFTConfig) -> str:
         dataset_kwargs={"skip_prepare_dataset": True},
         average_tokens_across_devices=True,
     )
-    arch = arch_from_hf_config(h.model)
-    seq = data.seq_length
-    fpt = flops_per_token(arch, seq, arch.vocab_size, causal=False)
-    sink = MetricsSink(
-        run_dir,
-        enabled=rank == 0,
-        wandb_cfg=cfg.logging.wandb,
-        run_name=cfg.run_name,
-        config=config_dict(cfg),
-        resume_step=resume_step(plan["resume_from"]),
-    )
-    signals = signals_callback(list(t.exit_signals), t.exit_duration_minutes)
-    trainer = _trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=rows,
-        processing_class=tokenizer,
-        optim_cfg=cfg.optim,
-        callbacks=[signals],
-        sink=sink,
-        steps_total=t.steps,
-        flops_per_token=fpt,
-        peak=peak_tflops(precision, cfg.logging.peak_tflops),
-        capacity=t.global_batch_size * seq,
-        log_interval=cfg.logging.interval,
-    )
-    return train_and_finish(cfg, trainer, signals, sink, tokenizer, plan)
+    return train_rows(
+        cfg, plan, _trainer_class(), precision, model=model, args=args, train_dataset=rows,
+        processing_class=tokenizer, capacity=t.global_batch_size * data.seq_length,
+    )  # fmt: skip
 
 
 __all__ = ["MegatronSchedule", "export", "param_groups", "run"]
