@@ -60,8 +60,9 @@ def make_loader(
         dp=plan.dp,
     )
     workers = num_workers
-    return torch.utils.data.DataLoader(
+    return SignalSafeLoader(
         dataset,
+        exit_signals=list(cfg.train.exit_signals),
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=plan.device == "cuda",
@@ -71,10 +72,47 @@ def make_loader(
     )
 
 
+def _signals(names: list[str]) -> set:
+    import signal
+
+    return {getattr(signal, n) for n in [*names, "SIGINT"]}
+
+
 def _worker_init(exit_signals: list[str], worker_id: int) -> None:
+    import signal
+
     from sfmed.train.loop import ignore_exit_signals
 
     ignore_exit_signals(exit_signals)
+    # Blocked since the fork (SignalSafeLoader); a signal that arrived meanwhile is now discarded.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _signals(exit_signals))
+
+
+class SignalSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes start with the exit signals blocked.
+
+    A worker is forked with torch's own SIGTERM handler (which dies unless the signal comes
+    from its parent) and only ignores the exit signals once ``worker_init_fn`` has run. torchrun
+    signals each rank's whole process group, so a SIGTERM in that window killed the worker and
+    the rank failed instead of saving. Workers inherit the blocked mask; ``_worker_init``
+    unblocks it after installing ``SIG_IGN``. The rank still gets the signal: it is delivered
+    when the mask is restored, right after the workers are started.
+    """
+
+    def __init__(self, *args, exit_signals: list[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.exit_signals = list(exit_signals)
+
+    def __iter__(self):
+        import signal
+
+        if not self.num_workers:
+            return super().__iter__()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _signals(self.exit_signals))
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def needs_data(chunk) -> bool:
