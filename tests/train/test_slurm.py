@@ -254,6 +254,10 @@ def test_sbatch_trains_checkpoints_requeues_and_resumes(slurm, tmp_path):
         assert saved == status["iteration"]
         # A requeued job waits ~2 minutes (BeginTime); release it now.
         _wait(lambda: _job_state(job, slurm) == "PENDING", 60, "the requeued job", log, slurm)
+        # Not at once: slurmd refuses a job whose credential is not newer than the revocation
+        # the requeue made ("Killing non-startable batch job: Job credential revoked"); the
+        # BeginTime delay exists for that. Credentials carry whole seconds: a few are enough.
+        time.sleep(5)
         _sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm)
         # Done means the batch script's last line, not an empty squeue answer.
         _wait(lambda: "run status: complete" in log.read_text(), 400,
