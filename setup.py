@@ -57,6 +57,8 @@ setup(
             "ruff==0.17.5",  # pinned: lint/format output must not drift under CI
             # a second ROUGE implementation the metric tests cross-check against
             "rouge-chinese>=1.0.3",
+            # the lm_eval prompt preset is checked against lm-evaluation-harness itself
+            "lm-eval>=0.4.13,<0.5",
             # the DPO losses are checked against TRL's own DPOTrainer loss code
             "trl>=1.16,<2",
             # the HF SFT engine's tests (the [hf] extra)

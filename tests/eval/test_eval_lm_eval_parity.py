@@ -1,5 +1,4 @@
-"""Optional: the ``lm_eval`` preset against lm-evaluation-harness itself (skipped when it is not
-installed). lm-eval's own ``cmmlu_anatomy`` task (its YAML included as shipped, only the data
+"""The ``lm_eval`` preset against lm-evaluation-harness itself (a ``[test]`` dependency). lm-eval's own ``cmmlu_anatomy`` task (its YAML included as shipped, only the data
 pointed at a local CSV) runs on a tiny model; sfmed with ``mcq.prompt.preset=lm_eval`` must send
 the same context strings and get the same per-choice log-likelihoods."""
 
@@ -8,13 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lm_eval
 import pytest
 from tiny_models import tiny_chat_model_fixture  # noqa: F401 (registers the fixture)
 
 from sfmed.config.eval import EvalConfig, HFConfig, MCQConfig, MCQPromptConfig
 from sfmed.eval.runner import run_evaluation
-
-lm_eval = pytest.importorskip("lm_eval")
 
 ROWS = [
     ("壁胸膜的分部不包括 ", " 肋胸膜", "肺胸膜", "膈胸膜", "胸膜顶", "B"),
