@@ -54,6 +54,7 @@ from sfmed.recipes.sft import (
     SFTSamples,
     _entries,
     _read_meta,
+    check_packed_run,
     packed_seq_params,
     resolve_data,
     split_parts,
@@ -446,22 +447,8 @@ class DPORecipe(Recipe):
 
     def resolve(self, plan) -> DPOData:
         """Check the data and the reference before any work."""
-        cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
-        if cfg.parallel.cp != 1:
-            raise ConfigError(
-                f"parallel.cp={cfg.parallel.cp}: DPO packs run with context parallelism 1"
-            )
-        if plan.impl == "local" and plan.attention == "unfused":
-            raise ConfigError(
-                "model.attention_backend=unfused: megatron's DotProductAttention refuses packed "
-                "sequences; use model.attention_backend=sdpa (or flash, or "
-                "model.transformer_impl=transformer_engine)"
-            )
-        if t.eval_interval and d.split_weights[1] == 0:
-            raise ConfigError(
-                f"train.eval_interval={t.eval_interval} but data.split={d.split!r} has no "
-                "validation part; use e.g. data.split=98/2/0 or train.eval_interval=0"
-            )
+        cfg = self.cfg
+        check_packed_run(cfg, plan, "DPO")
         base = resolve_data(cfg, plan.arch.vocab_size, kind=KIND)
         longest, pairs = 0, 1
         for p in base.prefixes:

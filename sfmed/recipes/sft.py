@@ -310,6 +310,27 @@ def split_parts(data: SFTData, split: tuple[float, float, float], seed: int):
 # -- the recipe ------------------------------------------------------------------------------------
 
 
+def check_packed_run(cfg, plan, stage: str) -> None:
+    """What a run on packed chat samples (SFT, DPO) cannot do, refused before any work."""
+    t, d = cfg.train, cfg.data
+    if cfg.parallel.cp != 1:
+        raise ConfigError(
+            f"parallel.cp={cfg.parallel.cp}: {stage} packs run with context parallelism 1"
+        )
+    if plan.impl == "local" and plan.attention == "unfused":
+        raise ConfigError(
+            "model.attention_backend=unfused: megatron's DotProductAttention refuses packed "
+            "sequences; use model.attention_backend=sdpa (or flash, or "
+            "model.transformer_impl=transformer_engine)"
+        )
+    if t.eval_interval and d.split_weights[1] == 0:
+        # 98/2/0, not 98,2,0: Hydra's command line reads the commas as a list
+        raise ConfigError(
+            f"train.eval_interval={t.eval_interval} but data.split={d.split!r} has no "
+            "validation part; use e.g. data.split=98/2/0 or train.eval_interval=0"
+        )
+
+
 class SFTRecipe(Recipe):
     """Full-parameter SFT: loss over supervised tokens, packs isolated per conversation."""
 
@@ -344,22 +365,7 @@ class SFTRecipe(Recipe):
 
     def resolve(self, plan) -> SFTData:
         """Check the data settings against the datasets' sidecars."""
-        t, d = self.cfg.train, self.cfg.data
-        if self.cfg.parallel.cp != 1:
-            raise ConfigError(
-                f"parallel.cp={self.cfg.parallel.cp}: SFT packs run with context parallelism 1"
-            )
-        if plan.impl == "local" and plan.attention == "unfused":
-            raise ConfigError(
-                "model.attention_backend=unfused: megatron's DotProductAttention refuses packed "
-                "sequences; use model.attention_backend=sdpa (or flash, or "
-                "model.transformer_impl=transformer_engine)"
-            )
-        if t.eval_interval and d.split_weights[1] == 0:
-            raise ConfigError(
-                f"train.eval_interval={t.eval_interval} but data.split={d.split!r} has no "
-                "validation part; use e.g. data.split=98,2,0 or train.eval_interval=0"
-            )
+        check_packed_run(self.cfg, plan, "SFT")
         return resolve_data(self.cfg, plan.arch.vocab_size)
 
     def describe(self, plan) -> str:
