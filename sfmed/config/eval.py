@@ -120,8 +120,9 @@ class JudgeConfig(APIConfig):
     use_reference: bool = True  # show the reference answer to the judge
 
 
-PROMPT_PRESETS = ("sfmed", "lm_eval")
+PROMPT_PRESETS = ("sfmed", "lm_eval", "opencompass", "opencompass_gen")
 CONTINUATIONS = ("letter", "option_text")
+SCORINGS = ("continuation", "sequence")
 
 
 @dataclass
@@ -132,7 +133,9 @@ class MCQPromptConfig:
     stripped, ``答案：`` then the bare letter. ``lm_eval``: byte-identical to lm-evaluation-
     harness's ``cmmlu``/``ceval-valid`` tasks (their opening line per benchmark, options as
     published, continuation `` A`` after the target delimiter, raw prompt without chat template
-    unless use_chat_template/chat_format says otherwise). docs/evaluation.md shows both.
+    unless use_chat_template/chat_format says otherwise). ``opencompass`` / ``opencompass_gen``:
+    byte-identical to OpenCompass's CMMLU/C-Eval PPL / gen configs for a base model, the former
+    scored as OpenCompass's PPLInferencer (``scoring=sequence``). docs/evaluation.md shows all.
     """
 
     preset: str = "sfmed"
@@ -142,11 +145,16 @@ class MCQPromptConfig:
     target_delimiter: str | None = None  # between the cue and the answer ("" or " ")
     strip: bool | None = None  # strip whitespace around the question and option texts
     continuation: str | None = None  # loglik candidates: letter | option_text
+    # loglik: continuation (sum log P of the answer given the prompt) | sequence (mean NLL of the
+    # whole prompt + answer text, as OpenCompass's PPLInferencer)
+    scoring: str | None = None
 
     def __post_init__(self):
         _choice("mcq.prompt.preset", self.preset, PROMPT_PRESETS)
         if self.continuation is not None:
             _choice("mcq.prompt.continuation", self.continuation, CONTINUATIONS)
+        if self.scoring is not None:
+            _choice("mcq.prompt.scoring", self.scoring, SCORINGS)
         if self.option_format is not None and not (
             "{letter}" in self.option_format and "{text}" in self.option_format
         ):

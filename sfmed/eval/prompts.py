@@ -14,6 +14,11 @@ Presets (``mcq.prompt.preset=``):
   ``ceval-valid_*`` tasks: their opening line per benchmark (``description``), the question
   ``.strip()``-ed but the options as published, ``\\nA. {A}…\\n答案：``, target delimiter ``" "``,
   few-shot examples joined by a blank line. Other formats use the CMMLU line.
+- ``opencompass``: byte-identical to OpenCompass's PPL configs ``cmmlu_ppl_8b9c76`` and
+  ``ceval_ppl_578f8d`` as a base model (no meta template) sees them, scored as its
+  ``PPLInferencer`` does (``scoring=sequence``: mean NLL of the whole text, lowest wins).
+- ``opencompass_gen``: byte-identical to OpenCompass's ``cmmlu_gen_c13365`` and
+  ``ceval_gen_5f30c7`` (base model), for ``mcq.mode=generate``.
 """
 
 from __future__ import annotations
@@ -185,6 +190,14 @@ class MCQPrompt:
     strip: bool
     continuation: str  # letter | option_text
     shot_separator: str = "\n\n"
+    # OpenCompass-style layouts: the opening line starts every block (each solved example and
+    # the question) instead of the whole prompt, and the question has a prefix ("题目：").
+    opening_per_block: bool = False
+    question_format: str = "{question}"
+    question_separator: str | None = None  # before the question after k > 0 examples
+    zero_shot_prefix: str = ""  # before the question when there are no examples
+    strip_question: bool = True  # with strip=False: still strip the question (lm-eval does)
+    scoring: str = "continuation"  # loglik: continuation | sequence (see candidates_score)
 
     def settings(self) -> dict:
         """The prompt's parts, recorded in the result JSON."""
@@ -196,6 +209,7 @@ class MCQPrompt:
             "target_delimiter": self.target_delimiter,
             "strip": self.strip,
             "continuation": self.continuation,
+            "scoring": self.scoring,
         }
 
 
@@ -209,22 +223,9 @@ _SFMED = MCQPrompt(
     strip=True,
     continuation="letter",
 )
-# lm-evaluation-harness: the `description` written by cmmlu/_generate_configs.py and
-# ceval/_generate_configs.py (its trailing "\n\n" is the shot separator here), and
-# `doc_to_text` of cmmlu/_default_template_yaml and ceval/_default_ceval_yaml.
-_LM_EVAL_OPENING = {
-    "cmmlu": (
-        "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。",
-        LM_EVAL_CMMLU_SUBJECTS,
-    ),
-    "ceval": (
-        "以下是中国关于{subject}的单项选择题，请选出其中的正确答案。",
-        LM_EVAL_CEVAL_SUBJECTS,
-    ),
-}
 _LM_EVAL = MCQPrompt(
     preset="lm_eval",
-    opening=_LM_EVAL_OPENING["cmmlu"][0],
+    opening="以下是关于{subject}的单项选择题，请直接给出正确答案的选项。",
     subjects=LM_EVAL_CMMLU_SUBJECTS,
     option_format="{letter}. {text}",
     answer_cue="答案：",
@@ -233,13 +234,80 @@ _LM_EVAL = MCQPrompt(
     continuation="letter",
 )
 
+# OpenCompass 0.5.3+ (commit a5acc4bba3b658f151617a3b393602110fb7a740), base model (no meta
+# template), configs opencompass/configs/datasets/cmmlu/cmmlu_ppl_8b9c76.py (what cmmlu_ppl.py
+# selects), ceval/ceval_ppl_578f8d.py (ceval_ppl.py), cmmlu/cmmlu_gen_c13365.py and
+# ceval/ceval_gen_5f30c7.py. Their subject mappings equal the lm-eval ones above.
+# Each block is the HUMAN prompt and the BOT prompt; LMTemplateParser without a meta template
+# joins the non-empty items of the PromptList with "\n" (the first item gets none, even when it
+# is empty). The ice items are [shot, ice_separator, shot, ..., ice_eos_token, question]:
+# - PPL configs (label-keyed template, "origin"): ice_separator = ice_eos_token = "\n", so
+#   shots are joined by "\n"+"\n"+"\n", the question follows the last shot after five "\n",
+#   and a 0-shot prompt starts with ice_eos "\n" + "\n".
+# - gen configs (begin/round template, "meta"): both are "", so every join is one "\n", and a
+#   0-shot prompt starts with "\n" (the empty ice item still sets the separator).
+# CMMLU: HUMAN ends with "D. {D}", BOT is "答案是: {answer}" -> cue "答案是:" + " " + letter
+# (gen: the BOT prompt with the answer blanked, "答案是: ", ends the prompt).
+# C-Eval: HUMAN ends with "\n答案: ", BOT is the letter -> cue "答案: " + "\n" + letter (gen: the
+# empty BOT item is skipped, the prompt ends with "答案: ").
+# PromptTemplate fills the fields verbatim (safe_format): nothing is stripped.
+_OPENCOMPASS = MCQPrompt(
+    preset="opencompass",
+    opening="以下是关于{subject}的单项选择题，请直接给出正确答案的选项。",
+    subjects=LM_EVAL_CMMLU_SUBJECTS,
+    option_format="{letter}. {text}",
+    answer_cue="答案是:",
+    target_delimiter=" ",
+    strip=False,
+    continuation="letter",
+    shot_separator="\n\n\n",
+    opening_per_block=True,
+    question_format="题目：{question}",
+    question_separator="\n\n\n\n\n",
+    zero_shot_prefix="\n\n",
+    strip_question=False,
+    scoring="sequence",
+)
+_OPENCOMPASS_GEN = replace(
+    _OPENCOMPASS,
+    preset="opencompass_gen",
+    answer_cue="答案是: ",
+    target_delimiter="",
+    shot_separator="\n",
+    question_separator="\n",
+    zero_shot_prefix="\n",
+)
+_OC_CEVAL = {
+    "opening": "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。",
+    "subjects": LM_EVAL_CEVAL_SUBJECTS,
+    "question_format": "{question}",
+    "answer_cue": "答案: ",
+    "target_delimiter": "\n",
+}
+
+PRESETS = {p.preset: p for p in (_SFMED, _LM_EVAL, _OPENCOMPASS, _OPENCOMPASS_GEN)}
+# What a preset changes for one data format (other formats use the preset as it is).
+# lm-evaluation-harness: the `description` written by cmmlu/_generate_configs.py and
+# ceval/_generate_configs.py (its trailing "\n\n" is the shot separator here), and
+# `doc_to_text` of cmmlu/_default_template_yaml and ceval/_default_ceval_yaml.
+BY_FORMAT: dict[str, dict[str, dict]] = {
+    "lm_eval": {
+        "ceval": {
+            "opening": "以下是中国关于{subject}的单项选择题，请选出其中的正确答案。",
+            "subjects": LM_EVAL_CEVAL_SUBJECTS,
+        },
+    },
+    "opencompass": {"ceval": _OC_CEVAL},
+    "opencompass_gen": {"ceval": _OC_CEVAL},
+}
+# Presets whose harness feeds the prompt raw to the model unless a chat format is asked for.
+RAW_PROMPT_PRESETS = frozenset({"lm_eval", "opencompass", "opencompass_gen"})
+
 
 def resolve_prompt(cfg: MCQPromptConfig, data_format: str) -> MCQPrompt:
     """The preset of ``cfg`` for ``data_format`` (cmmlu, ceval, …) with ``cfg``'s overrides."""
-    p = _SFMED if cfg.preset == "sfmed" else _LM_EVAL
-    if p is _LM_EVAL and data_format in _LM_EVAL_OPENING:
-        opening, subjects = _LM_EVAL_OPENING[data_format]
-        p = replace(p, opening=opening, subjects=subjects)
+    p = PRESETS[cfg.preset]
+    p = replace(p, **BY_FORMAT.get(cfg.preset, {}).get(data_format, {}))
     over = {
         k: getattr(cfg, k)
         for k in (
@@ -249,25 +317,29 @@ def resolve_prompt(cfg: MCQPromptConfig, data_format: str) -> MCQPrompt:
             "target_delimiter",
             "strip",
             "continuation",
+            "scoring",
         )
         if getattr(cfg, k) is not None
     }
     return replace(p, **over)
 
 
-def _text(item: MCQItem, p: MCQPrompt) -> str:
+def _text(item: MCQItem, p: MCQPrompt, head: str) -> str:
     if p.strip:
         question, options = item.question, item.options
     else:
-        # lm-eval strips the question (`Question.strip()`) but not the options
-        question = (item.raw_question or item.question).strip()
+        question = item.raw_question or item.question
+        if p.strip_question:  # lm-eval strips the question (`Question.strip()`), not the options
+            question = question.strip()
         options = item.raw_options or item.options
     lines = [p.option_format.format(letter=k, text=v) for k, v in options.items()]
-    return "\n".join([question, *lines]) + "\n" + p.answer_cue
+    first = [head] if p.opening_per_block else []
+    body = [*first, p.question_format.format(question=question), *lines]
+    return "\n".join(body) + "\n" + p.answer_cue
 
 
-def _shot(item: MCQItem, p: MCQPrompt) -> str:
-    return _text(item, p) + p.target_delimiter + "".join(item.answer)
+def _shot(item: MCQItem, p: MCQPrompt, head: str) -> str:
+    return _text(item, p, head) + p.target_delimiter + "".join(item.answer)
 
 
 def mcq_text(item: MCQItem, shots: list[MCQItem], p: MCQPrompt) -> str:
@@ -275,8 +347,14 @@ def mcq_text(item: MCQItem, shots: list[MCQItem], p: MCQPrompt) -> str:
     kind = "多项选择题（可能有多个正确答案）" if item.multi else "单项选择题"
     subject = p.subjects.get(item.subject, item.subject)
     head = p.opening.format(subject=subject, kind=kind)
-    blocks = [head, *(_shot(s, p) for s in shots), _text(item, p)]
-    return p.shot_separator.join(b for b in blocks if b)
+    question = _text(item, p, head)
+    blocks = [] if p.opening_per_block else [head]
+    blocks += [_shot(s, p, head) for s in shots]
+    blocks = [b for b in blocks if b]
+    if not blocks:
+        return p.zero_shot_prefix + question
+    sep = p.shot_separator if p.question_separator is None else p.question_separator
+    return p.shot_separator.join(blocks) + sep + question
 
 
 def mcq_prompt(

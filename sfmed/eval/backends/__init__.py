@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sfmed.config.eval import EvalConfig
 from sfmed.eval.backends.base import Backend, BackendError, Chat, render_plain
 from sfmed.eval.chat_formats import format_name
+from sfmed.eval.prompts import RAW_PROMPT_PRESETS
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,8 @@ def side_spec(cfg: EvalConfig, side: str = "", scoring: bool = False, **over) ->
     """The spec of side ``''``/``'a'`` (``model=``) or ``'b'`` (``model_b=``) of a run."""
     b = side == "b"
     fmt = format_name(cfg.chat_format_b if b else cfg.chat_format, cfg.use_chat_template)
-    if fmt == "auto" and cfg.task == "mcq" and cfg.mcq.prompt.preset == "lm_eval":
-        fmt = "plain"  # lm-eval feeds its prompt raw unless asked for a chat template
+    if fmt == "auto" and cfg.task == "mcq" and cfg.mcq.prompt.preset in RAW_PROMPT_PRESETS:
+        fmt = "plain"  # lm-eval and OpenCompass (base models) feed the prompt raw
     spec = BackendSpec(
         backend=cfg.backend,
         model=cfg.model_b if b else cfg.model,

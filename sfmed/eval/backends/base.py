@@ -67,6 +67,15 @@ class Backend(abc.ABC):
             "for mcq.mode=loglik"
         )
 
+    def sequence_logprob(self, requests: Sequence[tuple[Chat, str]]) -> list[tuple[float, int]]:
+        """``(sum of log P of every token after the first, token count)`` of each rendered chat
+        followed by its continuation, the text tokenized as one string (OpenCompass's
+        ``get_ppl``)."""
+        raise BackendError(
+            f"backend={self.name} gives no token log-probabilities; use backend=hf or vllm "
+            "for mcq.mode=loglik"
+        )
+
     @abc.abstractmethod
     def info(self) -> dict:
         """What produced the answers (model, dtype, chat format…), for the result JSON."""
@@ -126,6 +135,16 @@ class LocalBackend(Backend):
         if len(ids) > budget:
             self.truncated["tokens_cut"] += len(ids) - budget
             ids = ids[-budget:]
+        return ids
+
+    def encode_sequence(self, chat: Chat, continuation: str) -> list[int]:
+        """Ids of the rendered chat + continuation as one text, cut from the left (counted in
+        ``truncated``) when longer than the context window."""
+        ids = self.encode(self.render(chat) + continuation)
+        if self.max_len is not None and len(ids) > self.max_len:
+            self.truncated["prompts"] += 1
+            self.truncated["tokens_cut"] += len(ids) - self.max_len
+            ids = ids[-self.max_len :]
         return ids
 
     def encode_request(self, chat: Chat, continuation: str) -> tuple[list[int], list[int]]:

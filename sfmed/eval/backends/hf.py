@@ -168,6 +168,31 @@ class HFBackend(LocalBackend):
                 out[i] = float(rows.gather(-1, torch.tensor(cont)[:, None]).sum())
         return out
 
+    @torch.inference_mode()
+    def sequence_logprob(self, requests: Sequence[tuple[Chat, str]]) -> list[tuple[float, int]]:
+        """Sum of log P of every token after the first of chat + continuation, and the token
+        count, batched with left padding (padding is masked, never scored)."""
+        enc = [self.encode_sequence(chat, cont) for chat, cont in requests]
+        order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]), i))
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(enc)
+        bs = self.cfg.batch_size
+        batches = [order[s : s + bs] for s in range(0, len(order), bs)]
+        for idx in tqdm(batches, desc="sequence loglikelihood", unit="batch"):
+            ids, mask = _left_pad([enc[i] for i in idx], self.tok.pad_token_id)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=pos.to(self.device),
+            ).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).cpu()
+            tok_lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            # a token is scored when it and the token before it are real (not padding)
+            scored = (mask[:, 1:] * mask[:, :-1]).bool()
+            for r, i in enumerate(idx):
+                out[i] = (float(tok_lp[r][scored[r]].sum()), len(enc[i]))
+        return out
+
     def close(self) -> None:
         """Drop the model and free cached GPU memory (a second call does nothing)."""
         self.__dict__.pop("model", None)

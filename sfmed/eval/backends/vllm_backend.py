@@ -125,6 +125,23 @@ class VLLMBackend(LocalBackend):
             res.append(sum(lp[start + j][t].logprob for j, t in enumerate(cont_ids)))
         return res
 
+    def sequence_logprob(self, requests: Sequence[tuple[Chat, str]]) -> list[tuple[float, int]]:
+        """Prompt log-probabilities of every token after the first, summed, and the token count."""
+        if not self.scoring:
+            raise BackendError(
+                "this vLLM engine was built for generation (prefix caching on); log-likelihood "
+                "scoring needs one built with scoring=True"
+            )
+        prompts = [{"prompt_token_ids": self.encode_sequence(c, x)} for c, x in requests]
+        sp = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
+        outs = self.llm.generate(prompts, sp, use_tqdm=True)
+        res = []
+        for o, p in zip(outs, prompts):
+            ids = p["prompt_token_ids"]
+            lp = o.prompt_logprobs  # entry 0 (the first token) is None: nothing predicts it
+            res.append((sum(lp[j][ids[j]].logprob for j in range(1, len(ids))), len(ids)))
+        return res
+
     def close(self) -> None:
         """Shut the engine down and free its GPU memory, so another model can load next."""
         llm = self.__dict__.pop("llm", None)

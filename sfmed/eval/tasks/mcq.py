@@ -73,7 +73,7 @@ def run_mcq(ctx: RunContext) -> TaskResult:
         backend = ctx.backend("", scoring=True)
         cands = [candidates(it, prompt) for it in items]
         reqs = [(chat, cont) for chat, cs in zip(chats, cands) for _, cont in cs]
-        scores = iter(backend.loglikelihood(reqs))
+        scores = iter(_scores(backend, reqs, prompt.scoring))
         ctx.sources["model"] = backend.info()
         for it, chat, cs in zip(items, chats, cands):
             lp = {letters: next(scores) for letters, _ in cs}
@@ -105,6 +105,18 @@ def run_mcq(ctx: RunContext) -> TaskResult:
         records=records,
     )
     return TaskResult(result, _markdown(ctx, result), _chart(result))
+
+
+def _scores(backend, reqs: list, scoring: str) -> list[float]:
+    """One score per (chat, continuation), higher is better.
+
+    ``continuation``: log P(continuation | prompt). ``sequence``: OpenCompass's PPLInferencer
+    (HuggingFaceBaseModel.get_ppl): minus the summed NLL of every token after the first of the
+    whole prompt + continuation text, divided by its token count (the first token included).
+    """
+    if scoring == "continuation":
+        return backend.loglikelihood(reqs)
+    return [lp / n for lp, n in backend.sequence_logprob(reqs)]
 
 
 def _record(it: MCQItem, chat: Chat, output: str, letters, rule: str) -> dict:
