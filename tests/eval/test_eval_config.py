@@ -126,8 +126,8 @@ def test_eval_errors_are_user_errors():
 def test_prompt_settings_validated():
     from sfmed.config.eval import MCQPromptConfig
 
-    with pytest.raises(EvalConfigError, match="mcq.prompt.preset='opencompass'"):
-        MCQPromptConfig(preset="opencompass")
+    with pytest.raises(EvalConfigError, match="mcq.prompt.preset='helm'"):
+        MCQPromptConfig(preset="helm")
     with pytest.raises(EvalConfigError, match="must contain {letter} and {text}"):
         MCQPromptConfig(option_format="{letter}")
     with pytest.raises(EvalConfigError, match="mcq.prompt.continuation='word'"):
