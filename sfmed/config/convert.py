@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sfmed.core.dtypes import FLOAT_DTYPES
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import Problems
 from sfmed.core.units import parse_size
 from sfmed.models.arch import VOCAB_PAD_TP
 
@@ -34,14 +34,17 @@ class ConvertParallelConfig:
     """Uneven pipeline layout, e.g. [13, 15] for 28 layers at pp=2 (middle stages equal)."""
 
     def __post_init__(self):
+        p = Problems()
         for k in ("tp", "pp"):
             if getattr(self, k) < 1:
-                raise ConfigError(f"parallel.{k}={getattr(self, k)} must be >= 1")
-        if self.layers_per_stage is not None and len(self.layers_per_stage) != self.pp:
-            raise ConfigError(
+                p.add(f"parallel.{k}={getattr(self, k)} must be >= 1")
+        if self.layers_per_stage is not None and self.pp >= 1:
+            p.check(
+                len(self.layers_per_stage) == self.pp,
                 f"parallel.layers_per_stage={list(self.layers_per_stage)} needs parallel.pp="
-                f"{self.pp} entries"
+                f"{self.pp} entries",
             )
+        p.raise_if_any()
 
 
 @dataclass
@@ -85,24 +88,24 @@ class ConvertConfig:
     """Show a progress bar (on a terminal)."""
 
     def __post_init__(self):
+        p = Problems()
         if self.to not in DIRECTIONS:
-            raise ConfigError(
-                f"to={self.to!r}: give to=mcore (HF -> Megatron) or to=hf (Megatron -> HF)"
-            )
+            p.add(f"to={self.to!r}: give to=mcore (HF -> Megatron) or to=hf (Megatron -> HF)")
         for k in ("src", "dst"):
             if not getattr(self, k):
-                raise ConfigError(
+                p.add(
                     f"{k} is required: python launch/convert.py to={self.to} "
                     "src=<folder> dst=<folder>"
                 )
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
+        p.choice("dtype", self.dtype, DTYPES)
         if self.make_vocab_size_divisible_by < 1 or self.vocab_pad_tp < 1:
-            raise ConfigError(
+            p.add(
                 f"make_vocab_size_divisible_by={self.make_vocab_size_divisible_by} and "
                 f"vocab_pad_tp={self.vocab_pad_tp} must be >= 1"
             )
-        parse_size(self.max_shard_size)
+        with p.collect():
+            parse_size(self.max_shard_size)
+        p.raise_if_any()
 
 
 @dataclass
@@ -144,26 +147,17 @@ class VerifyConfig:
     """Core attention of the local spec, as in training: ``sdpa``, ``flash`` or ``unfused``."""
 
     def __post_init__(self):
+        p = Problems()
         for k in ("hf", "mcore"):
             if not getattr(self, k):
-                raise ConfigError(
-                    f"{k} is required: python launch/verify.py hf=<HF folder> mcore=<checkpoint>"
-                )
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r} is not one of {list(DEVICES)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
-        if self.transformer_impl not in VERIFY_IMPLS:
-            raise ConfigError(
-                f"transformer_impl={self.transformer_impl!r} is not one of {list(VERIFY_IMPLS)}"
-            )
-        if self.attention_backend not in VERIFY_ATTENTION:
-            raise ConfigError(
-                f"attention_backend={self.attention_backend!r} is not one of "
-                f"{list(VERIFY_ATTENTION)}"
-            )
+                p.add(f"{k} is required: python launch/verify.py hf=<HF folder> mcore=<checkpoint>")
+        p.choice("device", self.device, DEVICES)
+        p.choice("dtype", self.dtype, DTYPES)
+        p.choice("transformer_impl", self.transformer_impl, VERIFY_IMPLS)
+        p.choice("attention_backend", self.attention_backend, VERIFY_ATTENTION)
         if self.batch < 1 or self.seq_length < 1:
-            raise ConfigError(f"batch={self.batch} and seq_length={self.seq_length} must be >= 1")
+            p.add(f"batch={self.batch} and seq_length={self.seq_length} must be >= 1")
+        p.raise_if_any()
 
     def tolerances(self) -> dict:
         """The tolerances given explicitly (the rest come from the dtype's defaults)."""
@@ -189,10 +183,11 @@ class QuickstartConfig:
     seed: int = 0
 
     def __post_init__(self):
+        p = Problems()
         if self.tp < 1 or self.pp < 1:
-            raise ConfigError(f"tp={self.tp} and pp={self.pp} must be >= 1")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r} is not one of {list(DEVICES)}")
+            p.add(f"tp={self.tp} and pp={self.pp} must be >= 1")
+        p.choice("device", self.device, DEVICES)
+        p.raise_if_any()
 
 
 def register() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sfmed.config.sft_data import FORMATS, ChatDataConfig, ChatOptions
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import ConfigError, Problems
 
 READERS = ("auto", "text", "jsonl", "json", "csv", "tsv", "parquet")
 RENDERS = ("field", "template", "history", "dialogue", "mcq")
@@ -24,11 +24,6 @@ DECODE_ERRORS = ("drop", "replace")
 DEDUP_MODES = ("none", "exact", "near")
 UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 BACKENDS = ("auto", "gigatoken", "hf", "sentencepiece")
-
-
-def _check_choice(what: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{what}={value!r} is not one of {list(choices)}")
 
 
 @dataclass
@@ -101,26 +96,27 @@ class ReaderOptions:
     turns: ChatOptions = field(default_factory=ChatOptions)
     """format=sft|preference: where the turns of a record are (see ``docs/sft.md``)."""
 
-    def _validate_reader(self, where: str) -> None:
+    def _validate_reader(self, where: str, p: Problems) -> None:
+        """Record in ``p`` every problem of the reader/render options (keys prefixed ``where``)."""
         if isinstance(self.turns, dict):
             self.turns = ChatOptions(**self.turns)
-        _check_choice(f"{where}reader", self.reader, READERS)
-        _check_choice(f"{where}render", self.render, RENDERS)
-        _check_choice(f"{where}text_mode", self.text_mode, TEXT_MODES)
-        _check_choice(f"{where}decode_errors", self.decode_errors, DECODE_ERRORS)
+        reader_ok = p.choice(f"{where}reader", self.reader, READERS)
+        render_ok = p.choice(f"{where}render", self.render, RENDERS)
+        p.choice(f"{where}text_mode", self.text_mode, TEXT_MODES)
+        p.choice(f"{where}decode_errors", self.decode_errors, DECODE_ERRORS)
         import codecs
 
         try:
             codecs.lookup(self.encoding)
         except LookupError:
-            raise ConfigError(
+            p.add(
                 f"{where}encoding={self.encoding!r} is not a codec Python knows; use e.g. utf-8, "
                 "gb18030, utf-16"
-            ) from None
+            )
         if self.render == "template" and not self.template:
-            raise ConfigError(f"{where}render=template needs {where}template='...{{name}}...'")
+            p.add(f"{where}render=template needs {where}template='...{{name}}...'")
         if self.template is not None and not isinstance(self.template, (str, list, tuple)):
-            raise ConfigError(f"{where}template must be a string or a list of strings")
+            p.add(f"{where}template must be a string or a list of strings")
         for k in ("fields", "roles"):
             v = getattr(self, k)
             if v is None:
@@ -129,19 +125,20 @@ class ReaderOptions:
                 isinstance(key, str) and (isinstance(x, str) or (k == "roles" and x is None))
                 for key, x in v.items()
             ):
-                raise ConfigError(
+                p.add(
                     f"{where}{k}={v!r} must map names to record keys, e.g. "
                     f"{k}={{q: question, a: answer}} (quote non-ASCII values: {k}={{q: '问'}})"
                 )
-        if self.reader == "text" and self.render != "field":
-            raise ConfigError(
+        # Whether reader and render fit together is judged only when both are known values.
+        if reader_ok and render_ok and self.reader == "text" and self.render != "field":
+            p.add(
                 f"{where}reader=text gives plain strings; render={self.render!r} needs structured "
                 "records (jsonl/json/csv/parquet). Use render=field."
             )
         for k in ("min_chars", "max_chars"):
             v = getattr(self, k)
             if v is not None and v < 0:
-                raise ConfigError(f"{where}{k}={v} must be >= 0 (0 disables the limit)")
+                p.add(f"{where}{k}={v} must be >= 0 (0 disables the limit)")
 
     def reader_options(self) -> dict[str, Any]:
         """The reader/render options as a plain dict (hashed into the resume fingerprint)."""
@@ -183,10 +180,16 @@ class SourceConfig(ReaderOptions):
     """One record in the corpus's published layout (documentation; tests render it)."""
 
     def validate(self, name: str) -> None:
-        """Raise ``ConfigError`` naming ``sources.<name>.<key>`` for a bad value."""
-        self._validate_reader(f"sources.{name}.")
+        """Raise ``ConfigErrors`` naming every bad ``sources.<name>.<key>`` at once."""
+        p = Problems()
+        self.collect_problems(name, p)
+        p.raise_if_any()
+
+    def collect_problems(self, name: str, p: Problems) -> None:
+        """Record in ``p`` every problem of this source (keys named ``sources.<name>.<key>``)."""
+        self._validate_reader(f"sources.{name}.", p)
         if self.enabled and not self.files:
-            raise ConfigError(f"sources.{name}.files is empty; list the corpus files or globs")
+            p.add(f"sources.{name}.files is empty; list the corpus files or globs")
 
 
 @dataclass
@@ -211,10 +214,12 @@ class CleanConfig:
     """Drop texts longer than this (reason ``too_long``); 0 = no limit."""
 
     def __post_init__(self):
-        _check_choice("cleaning.unicode", self.unicode, UNICODE_FORMS)
+        p = Problems()
+        p.choice("cleaning.unicode", self.unicode, UNICODE_FORMS)
         for k in ("min_chars", "max_chars"):
             if getattr(self, k) < 0:
-                raise ConfigError(f"cleaning.{k}={getattr(self, k)} must be >= 0")
+                p.add(f"cleaning.{k}={getattr(self, k)} must be >= 0")
+        p.raise_if_any()
 
 
 @dataclass
@@ -232,12 +237,14 @@ class NearDedupConfig:
     seed: int = 1
 
     def __post_init__(self):
+        p = Problems()
         if not 0.0 < self.threshold < 1.0:
-            raise ConfigError(f"near_dedup.threshold={self.threshold} must be in (0, 1)")
+            p.add(f"near_dedup.threshold={self.threshold} must be in (0, 1)")
         if self.num_perm < 16:
-            raise ConfigError(f"near_dedup.num_perm={self.num_perm} must be >= 16")
+            p.add(f"near_dedup.num_perm={self.num_perm} must be >= 16")
         if self.ngram < 1:
-            raise ConfigError(f"near_dedup.ngram={self.ngram} must be >= 1")
+            p.add(f"near_dedup.ngram={self.ngram} must be >= 1")
+        p.raise_if_any()
 
 
 @dataclass
@@ -319,41 +326,45 @@ class PreprocessConfig(ReaderOptions):
     """format=sft|preference: chat format, seq_length, mask mode, overflow, packing."""
 
     def __post_init__(self):
-        _check_choice("format", self.format, FORMATS)
+        p = Problems()
+        p.choice("format", self.format, FORMATS)
         if isinstance(self.chat, dict):
-            self.chat = ChatDataConfig(**self.chat)
+            with p.collect():
+                self.chat = ChatDataConfig(**self.chat)
         for k in ("tokenizer", "output_dir"):
             v = getattr(self, k)
             if not v or v == "???":
-                raise ConfigError(f"{k} is not set; pass {k}=<path>")
-        _check_choice("dedup", self.dedup, DEDUP_MODES)
-        _check_choice("tokenizer_backend", self.tokenizer_backend, BACKENDS)
+                p.add(f"{k} is not set; pass {k}=<path>")
+        p.choice("dedup", self.dedup, DEDUP_MODES)
+        p.choice("tokenizer_backend", self.tokenizer_backend, BACKENDS)
         if self.workers < 0:
-            raise ConfigError(f"workers={self.workers} must be >= 0 (0 = auto)")
+            p.add(f"workers={self.workers} must be >= 0 (0 = auto)")
         if self.chunk_mb <= 0:
-            raise ConfigError(f"chunk_mb={self.chunk_mb} must be > 0")
+            p.add(f"chunk_mb={self.chunk_mb} must be > 0")
         if not 0.0 <= self.max_malformed_share <= 1.0:
-            raise ConfigError(
+            p.add(
                 f"max_malformed_share={self.max_malformed_share} must be in [0, 1] (a share of "
                 "the records read; 1 turns the check off)"
             )
         if self.verify_tokenizer < 0 or self.samples < 0:
-            raise ConfigError("verify_tokenizer and samples must be >= 0")
+            p.add("verify_tokenizer and samples must be >= 0")
         if isinstance(self.cleaning, dict):
-            self.cleaning = CleanConfig(**self.cleaning)
+            with p.collect():
+                self.cleaning = CleanConfig(**self.cleaning)
         if isinstance(self.near_dedup, dict):
-            self.near_dedup = NearDedupConfig(**self.near_dedup)
+            with p.collect():
+                self.near_dedup = NearDedupConfig(**self.near_dedup)
         self.sources = {
             str(k): (SourceConfig(**v) if isinstance(v, dict) else v)
             for k, v in (self.sources or {}).items()
         }
         if self.input:
             if self.sources:
-                raise ConfigError(
+                p.add(
                     "input= and sources are both given; run either one ad-hoc input or the "
                     "configured sources"
                 )
-            self._validate_reader("")
+            self._validate_reader("", p)
         else:
             defaults = ReaderOptions()
             changed = [
@@ -362,17 +373,18 @@ class PreprocessConfig(ReaderOptions):
                 if _plain(getattr(self, f.name)) != _plain(getattr(defaults, f.name))
             ]
             if changed:
-                raise ConfigError(
+                p.add(
                     f"top-level reader option(s) {changed} only apply to an ad-hoc input=; set "
                     "them per source (sources.<name>.<option>) or pass input=<file or glob>"
                 )
             if not any(s.enabled for s in self.sources.values()):
-                raise ConfigError(
+                p.add(
                     "nothing to do: give input=<file or glob> (with reader=...), or sources, "
                     "e.g. 'sources=[huatuo26m_test]'"
                 )
             for n, s in self.sources.items():
-                s.validate(n)
+                s.collect_problems(n, p)
+        p.raise_if_any()
 
 
 def available_sources(sources_dir: str | Path) -> list[str]:

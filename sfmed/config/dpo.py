@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from sfmed.config.run import RunConfig
 from sfmed.config.sft import ENGINES, ChatDataConfig, HFEngineConfig
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import Problems
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 REFERENCE_MODES = ("precompute", "on_the_fly")
@@ -59,29 +59,31 @@ class DPOLossConfig:
     """Score against a uniform reference (reference log-probs taken as 0): no reference model."""
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(
-                f"dpo.loss_type={self.loss_type!r} is not one of {list(LOSS_TYPES)}; "
-                "pick one of those"
-            )
+        p = Problems()
+        loss_ok = p.check(
+            self.loss_type in LOSS_TYPES,
+            f"dpo.loss_type={self.loss_type!r} is not one of {list(LOSS_TYPES)}; pick one of those",
+        )
         if not (isinstance(self.beta, int | float) and self.beta > 0):
-            raise ConfigError(f"dpo.beta={self.beta!r} must be a number > 0 (typical: 0.1)")
+            p.add(f"dpo.beta={self.beta!r} must be a number > 0 (typical: 0.1)")
         eps = self.label_smoothing
-        if self.loss_type in ("ipo", "hinge") and eps != 0:
-            raise ConfigError(
+        # Which label_smoothing is valid depends on the loss; judged only for a known loss.
+        if loss_ok and self.loss_type in ("ipo", "hinge") and eps != 0:
+            p.add(
                 f"dpo.label_smoothing={eps} has no meaning for dpo.loss_type={self.loss_type}; "
                 "set it to 0, or use loss_type=sigmoid (conservative DPO) or robust"
             )
-        if self.loss_type == "sigmoid" and not 0 <= eps <= 0.5:
-            raise ConfigError(f"dpo.label_smoothing={eps} must be in [0, 0.5] for sigmoid")
-        if self.loss_type == "robust" and not 0 <= eps < 0.5:
-            raise ConfigError(
+        if loss_ok and self.loss_type == "sigmoid" and not 0 <= eps <= 0.5:
+            p.add(f"dpo.label_smoothing={eps} must be in [0, 0.5] for sigmoid")
+        if loss_ok and self.loss_type == "robust" and not 0 <= eps < 0.5:
+            p.add(
                 f"dpo.label_smoothing={eps} must be in [0, 0.5) for robust (it divides by 1 - 2ε)"
             )
         if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
-            raise ConfigError(
+            p.add(
                 f"dpo.rpo_alpha={self.rpo_alpha} must be >= 0, or null to switch the NLL term off"
             )
+        p.raise_if_any()
 
     @property
     def needs_token_counts(self) -> bool:
@@ -104,12 +106,11 @@ class ReferenceConfig:
     choice: the SFT model the policy starts from)."""
 
     def __post_init__(self):
-        if self.mode not in REFERENCE_MODES:
-            raise ConfigError(f"reference.mode={self.mode!r} is not one of {list(REFERENCE_MODES)}")
+        p = Problems()
+        p.choice("reference.mode", self.mode, REFERENCE_MODES)
         if self.checkpoint is not None and not str(self.checkpoint).strip():
-            raise ConfigError(
-                "reference.checkpoint is empty; give a checkpoint path, or null for init_from"
-            )
+            p.add("reference.checkpoint is empty; give a checkpoint path, or null for init_from")
+        p.raise_if_any()
 
 
 @dataclass
@@ -126,9 +127,11 @@ class DPOConfig(RunConfig):
     run_name: str = "dpo"
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine={self.engine!r} is not one of {list(ENGINES)}")
+        p = Problems()
+        with p.collect():
+            super().__post_init__()
+        p.choice("engine", self.engine, ENGINES)
+        p.raise_if_any()
 
 
 def register() -> None:

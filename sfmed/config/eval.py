@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sfmed.core.errors import ConfigError, ConfigErrors
+from sfmed.core.errors import ConfigError, ConfigErrors, Problems
 
 TASKS = (
     "mcq",
@@ -27,6 +27,10 @@ BACKENDS = ("hf", "transformers", "vllm", "openai")
 
 class EvalConfigError(ConfigError):
     """An evaluation setting that cannot work; the message names the value and the fix."""
+
+
+class EvalConfigErrors(ConfigErrors, EvalConfigError):
+    """Several evaluation settings that cannot work, reported together."""
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -46,16 +50,16 @@ class DecodingConfig:
     seed: int = 1234  # seeds sampling (per batch for hf, per request for vllm/openai)
 
     def __post_init__(self):
+        p = Problems(EvalConfigErrors)
         if self.max_new_tokens < 1:
-            raise EvalConfigError(f"decoding.max_new_tokens={self.max_new_tokens} must be >= 1")
+            p.add(f"decoding.max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.temperature < 0:
-            raise EvalConfigError(
-                f"decoding.temperature={self.temperature} must be >= 0 (0 = greedy)"
-            )
+            p.add(f"decoding.temperature={self.temperature} must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
-            raise EvalConfigError(f"decoding.top_p={self.top_p} must be in (0, 1]")
+            p.add(f"decoding.top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0 or self.repetition_penalty <= 0:
-            raise EvalConfigError("decoding.top_k must be >= 0 and repetition_penalty > 0")
+            p.add("decoding.top_k must be >= 0 and repetition_penalty > 0")
+        p.raise_if_any()
 
     @property
     def greedy(self) -> bool:
@@ -76,11 +80,13 @@ class HFConfig:
     ``modeling_baichuan.py`` / ``tokenization_baichuan.py``); only for code you trust."""
 
     def __post_init__(self):
-        _choice("hf.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        p = Problems(EvalConfigErrors)
+        p.choice("hf.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.batch_size < 1:
-            raise EvalConfigError(f"hf.batch_size={self.batch_size} must be >= 1")
+            p.add(f"hf.batch_size={self.batch_size} must be >= 1")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise EvalConfigError(f"hf.device={self.device!r}: use auto, cpu, cuda or cuda:N")
+            p.add(f"hf.device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        p.raise_if_any()
 
 
 @dataclass
@@ -174,13 +180,13 @@ class MCQConfig:
     prompt: MCQPromptConfig = field(default_factory=MCQPromptConfig)
 
     def __post_init__(self):
-        _choice("mcq.mode", self.mode, ("generate", "loglik"))
+        p = Problems(EvalConfigErrors)
+        p.choice("mcq.mode", self.mode, ("generate", "loglik"))
         if self.shots < 0:
-            raise EvalConfigError(f"mcq.shots={self.shots} must be >= 0")
+            p.add(f"mcq.shots={self.shots} must be >= 0")
         if self.shots > 0 and not self.dev_data:
-            raise EvalConfigError(
-                f"mcq.shots={self.shots} needs mcq.dev_data=<dev split file or folder>"
-            )
+            p.add(f"mcq.shots={self.shots} needs mcq.dev_data=<dev split file or folder>")
+        p.raise_if_any()
 
 
 @dataclass
@@ -192,10 +198,12 @@ class TextMetricConfig:
     bleu_level: str = "corpus"  # corpus | sentence (mean of smoothed sentence BLEU)
 
     def __post_init__(self):
-        _choice("metric.tokenizer", self.tokenizer, ("char", "jieba"))
-        _choice("metric.bleu_level", self.bleu_level, ("corpus", "sentence"))
+        p = Problems(EvalConfigErrors)
+        p.choice("metric.tokenizer", self.tokenizer, ("char", "jieba"))
+        p.choice("metric.bleu_level", self.bleu_level, ("corpus", "sentence"))
         if self.epsilon < 0:
-            raise EvalConfigError(f"metric.epsilon={self.epsilon} must be >= 0")
+            p.add(f"metric.epsilon={self.epsilon} must be >= 0")
+        p.raise_if_any()
 
 
 @dataclass
@@ -351,30 +359,39 @@ class EvalConfig:
     suite: SuiteConfig | None = None
 
     def __post_init__(self):
-        _choice("task", self.task, TASKS)
-        _choice("backend", self.backend, BACKENDS)
+        p = Problems(EvalConfigErrors)
+        task_ok = p.choice("task", self.task, TASKS)
+        p.choice("backend", self.backend, BACKENDS)
         if self.backend == "transformers":
             self.backend = "hf"
         if self.suite is not None:
-            problems = self.suite.check()
+            p.messages += self.suite.check()
             kinds = {d.kind for d in self.suite.datasets}
             if "mcq" in kinds and self.mcq.mode != "generate":
-                problems.append(
+                p.add(
                     f"mcq.mode={self.mcq.mode}: a suite scores generated answers; use "
                     "mcq.mode=generate (or single runs for log-likelihood scoring)"
                 )
             if ("consultation" in kinds or self.suite.judge_qa) and not self.judge.model:
-                problems.append(
+                p.add(
                     "the suite has a judged table (consultation data or judge_qa=true): set "
                     "judge.model=<served model name> (and judge.base_url= or $OPENAI_BASE_URL)"
                 )
-            if problems:
-                raise ConfigErrors(problems)
+            p.raise_if_any()
             return
         if not self.data:
-            raise EvalConfigError(f"task={self.task} needs data=<file or folder>")
+            p.add(f"task={self.task} needs data=<file or folder>")
         if self.limit is not None and self.limit < 1:
-            raise EvalConfigError(f"limit={self.limit} must be >= 1 (or null for all)")
+            p.add(f"limit={self.limit} must be >= 1 (or null for all)")
+        # What answers a task needs is judged only for a known task; each of those checks
+        # stops at its first problem because the later ones assume the earlier hold.
+        if task_ok:
+            with p.collect():
+                self._check_answers()
+        p.raise_if_any()
+
+    def _check_answers(self) -> None:
+        """Raise the first problem with where the answers come from (model, files, judge)."""
         if self.task in PAIRWISE_TASKS:
             self._check_pairwise()
         else:

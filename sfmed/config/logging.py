@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import ConfigError, Problems
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -45,9 +45,11 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
+        p = Problems()
         if self.interval < 1:
-            raise ConfigError(f"logging.interval={self.interval} must be >= 1")
+            p.add(f"logging.interval={self.interval} must be >= 1")
         if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"logging.level={self.level!r}: use DEBUG, INFO, WARNING or ERROR")
+            p.add(f"logging.level={self.level!r}: use DEBUG, INFO, WARNING or ERROR")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
-            raise ConfigError(f"logging.peak_tflops={self.peak_tflops} must be > 0 or null")
+            p.add(f"logging.peak_tflops={self.peak_tflops} must be > 0 or null")
+        p.raise_if_any()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import Problems
 
 if TYPE_CHECKING:
     from sfmed.models import ModelArch
@@ -81,16 +81,18 @@ class ModelConfig:
     installed on CUDA, else sdpa). Ignored with Transformer Engine, which picks its own kernel."""
 
     def __post_init__(self):
-        if self.transformer_impl not in TRANSFORMER_IMPLS:
-            raise ConfigError(
-                f"model.transformer_impl={self.transformer_impl!r} is not one of "
-                f"{list(TRANSFORMER_IMPLS)}"
-            )
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ConfigError(
-                f"model.attention_backend={self.attention_backend!r} is not one of "
-                f"{list(ATTENTION_BACKENDS)}"
-            )
+        p = Problems()
+        p.check(
+            self.transformer_impl in TRANSFORMER_IMPLS,
+            f"model.transformer_impl={self.transformer_impl!r} is not one of "
+            f"{list(TRANSFORMER_IMPLS)}",
+        )
+        p.check(
+            self.attention_backend in ATTENTION_BACKENDS,
+            f"model.attention_backend={self.attention_backend!r} is not one of "
+            f"{list(ATTENTION_BACKENDS)}",
+        )
+        bad = set()
         for k in (
             "num_layers",
             "hidden_size",
@@ -101,19 +103,23 @@ class ModelConfig:
             "max_position_embeddings",
             "make_vocab_size_divisible_by",
         ):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"model.{k}={getattr(self, k)} must be >= 1")
+            if not p.check(getattr(self, k) >= 1, f"model.{k}={getattr(self, k)} must be >= 1"):
+                bad.add(k)
+        # The shape's divisibility is checked only between sizes that are valid themselves.
         if self.hf_config is None:
-            if self.num_attention_heads % self.num_query_groups:
-                raise ConfigError(
+            if not bad & {"num_attention_heads", "num_query_groups"}:
+                p.check(
+                    self.num_attention_heads % self.num_query_groups == 0,
                     f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
-                    f"model.num_query_groups={self.num_query_groups}"
+                    f"model.num_query_groups={self.num_query_groups}",
                 )
-            if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-                raise ConfigError(
+            if self.kv_channels is None and not bad & {"hidden_size", "num_attention_heads"}:
+                p.check(
+                    self.hidden_size % self.num_attention_heads == 0,
                     f"model.hidden_size={self.hidden_size} is not divisible by "
-                    f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels"
+                    f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels",
                 )
+        p.raise_if_any()
 
     def arch(self) -> ModelArch:
         """The architecture these settings describe (from ``hf_config`` when given)."""

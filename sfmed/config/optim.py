@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import Problems
 
 DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
 GUARD_ACTIONS = ("skip", "stop")
@@ -70,40 +70,33 @@ class OptimConfig:
         return 0
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr={self.lr} must be > 0")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        p = Problems()
+        # min_lr is compared with lr only when lr itself is usable.
+        if p.check(self.lr > 0, f"optim.lr={self.lr} must be > 0"):
+            p.check(
+                0 <= self.min_lr <= self.lr,
+                f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]",
+            )
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+            p.add(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(
-                f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1), e.g. 0.05"
-            )
-        if self.decay_style not in DECAY_STYLES:
-            raise ConfigError(
-                f"optim.decay_style={self.decay_style!r} is not one of {list(DECAY_STYLES)}"
-            )
+            p.add(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1), e.g. 0.05")
+        p.choice("optim.decay_style", self.decay_style, DECAY_STYLES)
         if self.decay_style == "WSD" and not self.wsd_decay_steps:
-            raise ConfigError("optim.decay_style=WSD needs optim.wsd_decay_steps >= 1")
+            p.add("optim.decay_style=WSD needs optim.wsd_decay_steps >= 1")
         if self.weight_decay < 0 or self.clip_grad < 0:
-            raise ConfigError("optim.weight_decay and optim.clip_grad must be >= 0")
+            p.add("optim.weight_decay and optim.clip_grad must be >= 0")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
-            raise ConfigError(
+            p.add(
                 f"optim.adam_beta1={self.adam_beta1}, adam_beta2={self.adam_beta2} must be in "
                 f"[0, 1) and adam_eps={self.adam_eps} > 0"
             )
         if self.nan_action not in GUARD_ACTIONS:
-            raise ConfigError(f"optim.nan_action={self.nan_action!r} is not one of {GUARD_ACTIONS}")
+            p.add(f"optim.nan_action={self.nan_action!r} is not one of {GUARD_ACTIONS}")
         if self.spike_action is not None and self.spike_action not in GUARD_ACTIONS:
-            raise ConfigError(
-                f"optim.spike_action={self.spike_action!r} is not one of {GUARD_ACTIONS} or null"
-            )
+            p.add(f"optim.spike_action={self.spike_action!r} is not one of {GUARD_ACTIONS} or null")
         if self.spike_factor <= 1 or self.spike_window < 1 or self.spike_min_history < 1:
-            raise ConfigError(
-                "optim.spike_factor must be > 1, spike_window and spike_min_history >= 1"
-            )
+            p.add("optim.spike_factor must be > 1, spike_window and spike_min_history >= 1")
         if self.max_consecutive_skips < 1:
-            raise ConfigError(
-                f"optim.max_consecutive_skips={self.max_consecutive_skips} must be >= 1"
-            )
+            p.add(f"optim.max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
+        p.raise_if_any()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import Problems
 
 RECOMPUTE_GRANULARITIES = (None, "selective", "full")
 RECOMPUTE_METHODS = (None, "uniform", "block")
@@ -59,41 +59,45 @@ class ParallelConfig:
     shared_experts."""
 
     def __post_init__(self):
+        p = Problems()
         for k in ("tp", "pp", "cp"):
             if getattr(self, k) < 1:
-                raise ConfigError(f"parallel.{k}={getattr(self, k)} must be >= 1")
+                p.add(f"parallel.{k}={getattr(self, k)} must be >= 1")
         if self.vpp is not None and self.vpp < 1:
-            raise ConfigError(f"parallel.vpp={self.vpp} must be >= 1 or null")
+            p.add(f"parallel.vpp={self.vpp} must be >= 1 or null")
         if self.vpp is not None and self.vpp > 1 and self.pp == 1:
-            raise ConfigError(
+            p.add(
                 f"parallel.vpp={self.vpp} needs pipeline parallelism; set parallel.pp > 1 "
                 "or parallel.vpp=null"
             )
-        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
-            raise ConfigError(
-                f"parallel.recompute_granularity={self.recompute_granularity!r} is not one of "
-                f"{list(RECOMPUTE_GRANULARITIES)}"
-            )
-        if self.recompute_method not in RECOMPUTE_METHODS:
-            raise ConfigError(
-                f"parallel.recompute_method={self.recompute_method!r} is not one of "
-                f"{list(RECOMPUTE_METHODS)}"
-            )
-        if self.recompute_granularity == "full":
-            if self.recompute_method is None or not self.recompute_num_layers:
-                raise ConfigError(
-                    "parallel.recompute_granularity=full needs parallel.recompute_method "
-                    "(uniform|block) and parallel.recompute_num_layers >= 1"
+        granularity_ok = p.check(
+            self.recompute_granularity in RECOMPUTE_GRANULARITIES,
+            f"parallel.recompute_granularity={self.recompute_granularity!r} is not one of "
+            f"{list(RECOMPUTE_GRANULARITIES)}",
+        )
+        method_ok = p.check(
+            self.recompute_method in RECOMPUTE_METHODS,
+            f"parallel.recompute_method={self.recompute_method!r} is not one of "
+            f"{list(RECOMPUTE_METHODS)}",
+        )
+        # How granularity and method combine is only meaningful when both are known values.
+        if granularity_ok and method_ok:
+            if self.recompute_granularity == "full":
+                if self.recompute_method is None or not self.recompute_num_layers:
+                    p.add(
+                        "parallel.recompute_granularity=full needs parallel.recompute_method "
+                        "(uniform|block) and parallel.recompute_num_layers >= 1"
+                    )
+            elif self.recompute_method is not None:
+                p.add(
+                    f"parallel.recompute_method={self.recompute_method!r} only applies to "
+                    "recompute_granularity=full"
                 )
-        elif self.recompute_method is not None:
-            raise ConfigError(
-                f"parallel.recompute_method={self.recompute_method!r} only applies to "
-                "recompute_granularity=full"
-            )
         if self.overlap_param_gather and not self.use_distributed_optimizer:
-            raise ConfigError(
+            p.add(
                 "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true"
             )
+        p.raise_if_any()
 
     @property
     def model_parallel_size(self) -> int:

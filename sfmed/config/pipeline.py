@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from sfmed.core.errors import ConfigError, ConfigErrors
+from sfmed.core.errors import ConfigErrors
 
 STAGE_KINDS = ("synthetic", "convert", "preprocess", "pretrain", "sft", "dpo", "export", "evaluate")
 LAUNCHERS = ("local", "slurm")
@@ -173,7 +173,7 @@ class PipelineConfig:
         if self.slurm.gpus_per_node < 0:
             problems.append(f"slurm.gpus_per_node={self.slurm.gpus_per_node} must be >= 0")
         if problems:
-            raise ConfigErrors(problems) if len(problems) > 1 else ConfigError(problems[0])
+            raise ConfigErrors(problems)
 
 
 def register() -> None:

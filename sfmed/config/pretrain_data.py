@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import ConfigError, Problems
 
 
 def parse_split(split: str) -> tuple[float, float, float]:
@@ -77,18 +77,21 @@ class PretrainDataConfig:
         return parse_split(self.split)
 
     def __post_init__(self):
+        p = Problems()
         if self.prefix is not None and self.blend is not None:
-            raise ConfigError(
+            p.add(
                 "data.prefix and data.blend are both set; give one (a single dataset is "
                 "data.prefix=<path>, several are data.blend=[{prefix: ..., weight: ...}, ...])"
             )
         if self.seq_length < 1:
-            raise ConfigError(f"data.seq_length={self.seq_length} must be >= 1")
+            p.add(f"data.seq_length={self.seq_length} must be >= 1")
         if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
-        parse_split(self.split)
+            p.add(f"data.num_workers={self.num_workers} must be >= 0")
+        with p.collect():
+            parse_split(self.split)
         if self.reset_attention_mask:
-            raise ConfigError(
+            p.add(
                 "data.reset_attention_mask=true needs per-document attention masks, which the "
                 "causal SDPA/flash kernels do not take; leave it false (Megatron's default)"
             )
+        p.raise_if_any()

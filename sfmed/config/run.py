@@ -15,7 +15,7 @@ from sfmed.config.model import ModelConfig
 from sfmed.config.optim import OptimConfig
 from sfmed.config.parallel import ParallelConfig
 from sfmed.config.train import TrainConfig
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import Problems
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -46,11 +46,12 @@ class RunConfig:
     """auto | cuda | cpu (the CPU emulation of megatron-core's CUDA code, gloo)."""
 
     def __post_init__(self):
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r} is not one of {list(DEVICES)}")
+        p = Problems()
+        p.choice("device", self.device, DEVICES)
         if not self.resume:
-            raise ConfigError("resume is empty; use auto, never, or a checkpoint path")
+            p.add("resume is empty; use auto, never, or a checkpoint path")
         if not self.ckpt_dir:
-            raise ConfigError("ckpt_dir is empty; give the run's folder, e.g. runs/<name>")
+            p.add("ckpt_dir is empty; give the run's folder, e.g. runs/<name>")
         if not self.run_name:
-            raise ConfigError("run_name is empty; give the run a name, e.g. run_name=cpt-7b")
+            p.add("run_name is empty; give the run a name, e.g. run_name=cpt-7b")
+        p.raise_if_any()

@@ -15,7 +15,7 @@ from typing import Any
 from sfmed.config.pretrain_data import parse_split
 from sfmed.config.run import RunConfig
 from sfmed.config.sft_data import MASK_MODES
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import Problems
 
 ENGINES = ("mcore", "hf")
 
@@ -61,24 +61,26 @@ class ChatDataConfig:
     """DataLoader worker processes per rank (0 = load in the training process)."""
 
     def __post_init__(self):
+        p = Problems()
         if self.prefix is not None and self.blend is not None:
-            raise ConfigError(
+            p.add(
                 "data.prefix and data.blend are both set; give one (one dataset is "
                 "data.prefix=<path>, several are data.blend=[{prefix: ..., weight: ...}, ...])"
             )
         if self.seq_length is not None and self.seq_length < 16:
-            raise ConfigError(f"data.seq_length={self.seq_length} must be >= 16 (or null)")
+            p.add(f"data.seq_length={self.seq_length} must be >= 16 (or null)")
         if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
-        parse_split(self.split)
+            p.add(f"data.num_workers={self.num_workers} must be >= 0")
+        with p.collect():
+            parse_split(self.split)
         for i, e in enumerate(self.blend or []):
             if not hasattr(e, "get") or e.get("prefix") is None:
-                raise ConfigError(
-                    f"data.blend[{i}]={e!r} needs a prefix: {{prefix: <path>, weight: <w>}}"
-                )
+                p.add(f"data.blend[{i}]={e!r} needs a prefix: {{prefix: <path>, weight: <w>}}")
+                continue
             w = e.get("weight", 1.0)
             if not isinstance(w, (int, float)) or w <= 0:
-                raise ConfigError(f"data.blend[{i}].weight={w!r} must be a number > 0")
+                p.add(f"data.blend[{i}].weight={w!r} must be a number > 0")
+        p.raise_if_any()
 
     @property
     def split_weights(self) -> tuple[float, float, float]:
@@ -95,9 +97,12 @@ class SFTDataConfig(ChatDataConfig):
     sidecar when set (the mask is fixed at preprocessing)."""
 
     def __post_init__(self):
-        super().__post_init__()
+        p = Problems()
+        with p.collect():
+            super().__post_init__()
         if self.mask is not None and self.mask not in MASK_MODES:
-            raise ConfigError(f"data.mask={self.mask!r} is not one of {list(MASK_MODES)} (or null)")
+            p.add(f"data.mask={self.mask!r} is not one of {list(MASK_MODES)} (or null)")
+        p.raise_if_any()
 
 
 @dataclass
@@ -144,9 +149,11 @@ class SFTConfig(RunConfig):
     run_name: str = "sft"
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine={self.engine!r} is not one of {list(ENGINES)}")
+        p = Problems()
+        with p.collect():
+            super().__post_init__()
+        p.choice("engine", self.engine, ENGINES)
+        p.raise_if_any()
 
 
 def register() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import Problems
 
 FORMATS = ("pretrain", "sft", "preference")
 # The names of sfmed.data.chat.formats.FORMATS (a test checks they agree; listed here so that the
@@ -69,11 +69,11 @@ class ChatOptions:
     ``response_rejected``)."""
 
     def __post_init__(self):
+        p = Problems()
         for k, v in (self.roles or {}).items():
             if v is not None and v not in ("user", "assistant", "system"):
-                raise ConfigError(
-                    f"turns.roles.{k}={v!r} must be user, assistant, system or null (drop)"
-                )
+                p.add(f"turns.roles.{k}={v!r} must be user, assistant, system or null (drop)")
+        p.raise_if_any()
 
 
 @dataclass
@@ -116,13 +116,12 @@ class ChatDataConfig:
     """Records encoded per tokenizer call."""
 
     def __post_init__(self):
-        if self.template not in CHAT_FORMATS:
-            raise ConfigError(f"chat.template={self.template!r} is not one of {list(CHAT_FORMATS)}")
-        if self.mask not in MASK_MODES:
-            raise ConfigError(f"chat.mask={self.mask!r} is not one of {list(MASK_MODES)}")
-        if self.overflow not in OVERFLOW:
-            raise ConfigError(f"chat.overflow={self.overflow!r} is not one of {list(OVERFLOW)}")
+        p = Problems()
+        p.choice("chat.template", self.template, CHAT_FORMATS)
+        p.choice("chat.mask", self.mask, MASK_MODES)
+        p.choice("chat.overflow", self.overflow, OVERFLOW)
         if self.seq_length < 16:
-            raise ConfigError(f"chat.seq_length={self.seq_length} must be >= 16")
+            p.add(f"chat.seq_length={self.seq_length} must be >= 16")
         if self.batch_size < 1:
-            raise ConfigError(f"chat.batch_size={self.batch_size} must be >= 1")
+            p.add(f"chat.batch_size={self.batch_size} must be >= 1")
+        p.raise_if_any()

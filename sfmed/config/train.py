@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import Problems
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
@@ -74,17 +74,19 @@ class TrainConfig:
     """Global batches per validation."""
 
     def __post_init__(self):
+        p = Problems()
         if self.steps < 1:
-            raise ConfigError(f"train.steps={self.steps} must be >= 1")
-        if self.global_batch_size < 1 or self.micro_batch_size < 1:
-            raise ConfigError(
-                f"train.global_batch_size={self.global_batch_size} and "
-                f"train.micro_batch_size={self.micro_batch_size} must be >= 1"
-            )
-        if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(
+            p.add(f"train.steps={self.steps} must be >= 1")
+        # Divisibility is asked only of batch sizes that are themselves valid.
+        if p.check(
+            self.global_batch_size >= 1 and self.micro_batch_size >= 1,
+            f"train.global_batch_size={self.global_batch_size} and "
+            f"train.micro_batch_size={self.micro_batch_size} must be >= 1",
+        ):
+            p.check(
+                self.global_batch_size % self.micro_batch_size == 0,
                 f"train.global_batch_size={self.global_batch_size} is not divisible by "
-                f"train.micro_batch_size={self.micro_batch_size}"
+                f"train.micro_batch_size={self.micro_batch_size}",
             )
         for name, value, allowed in (
             ("precision", self.precision, PRECISIONS),
@@ -92,20 +94,16 @@ class TrainConfig:
             ("fp8_format", self.fp8_format, FP8_FORMATS),
             ("optim_ckpt_format", self.optim_ckpt_format, OPTIM_CKPT_FORMATS),
         ):
-            if value not in allowed:
-                raise ConfigError(f"train.{name}={value!r} is not one of {list(allowed)}")
+            p.choice(f"train.{name}", value, allowed)
         if self.save_interval < 0:
-            raise ConfigError(f"train.save_interval={self.save_interval} must be >= 0")
+            p.add(f"train.save_interval={self.save_interval} must be >= 0")
         if self.keep_last is not None and self.keep_last < 1:
-            raise ConfigError(f"train.keep_last={self.keep_last} must be >= 1 or null (keep all)")
+            p.add(f"train.keep_last={self.keep_last} must be >= 1 or null (keep all)")
         if self.eval_interval < 0 or self.eval_iters < 1:
-            raise ConfigError("train.eval_interval must be >= 0 and train.eval_iters >= 1")
+            p.add("train.eval_interval must be >= 0 and train.eval_iters >= 1")
         for name in self.exit_signals:
             if not isinstance(getattr(signal, str(name), None), signal.Signals):
-                raise ConfigError(
-                    f"train.exit_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)"
-                )
+                p.add(f"train.exit_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
         if self.exit_duration_minutes is not None and self.exit_duration_minutes <= 0:
-            raise ConfigError(
-                f"train.exit_duration_minutes={self.exit_duration_minutes} must be > 0 or null"
-            )
+            p.add(f"train.exit_duration_minutes={self.exit_duration_minutes} must be > 0 or null")
+        p.raise_if_any()

@@ -14,12 +14,8 @@ import dataclasses
 import os
 from typing import Any
 
-from sfmed.core.errors import ConfigError, ConfigErrors
+from sfmed.core.errors import ConfigError, ConfigErrors, config_problems
 from sfmed.core.parallel import validate_parallel, validate_parallel_sizes
-
-
-def _messages(err: ConfigError) -> list[str]:
-    return list(err.problems) if isinstance(err, ConfigErrors) else [str(err)]
 
 
 def _groups(cfg: Any, schema: type) -> tuple[dict[str, Any], list[str]]:
@@ -35,7 +31,7 @@ def _groups(cfg: Any, schema: type) -> tuple[dict[str, Any], list[str]]:
                 groups[f.name] = OmegaConf.to_object(node)
             except ConfigError as e:
                 groups[f.name] = None
-                problems += _messages(e)
+                problems += config_problems(e)
     return groups, problems
 
 
@@ -63,7 +59,7 @@ def world_size_problems(conf: Any, world_size: int | None = None) -> list[str]:
         try:
             return fn(*args)
         except ConfigError as e:
-            problems.extend(_messages(e))
+            problems.extend(config_problems(e))
             return None
 
     dp = check(validate_parallel_sizes, world, p.tp, p.pp, p.cp) if p else None
@@ -108,7 +104,7 @@ def validate_run_config(cfg: Any, schema: type, world_size: int | None = None) -
     try:
         conf = OmegaConf.to_object(cfg)
     except ConfigError as e:
-        raise ConfigErrors(_messages(e)) from None
+        raise ConfigErrors(config_problems(e)) from None
     problems = world_size_problems(conf, world_size)
     if problems:
         raise ConfigErrors(problems)

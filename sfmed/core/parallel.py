@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sfmed.core.errors import ConfigError
+from sfmed.core.errors import ConfigError, Problems
 
 
 def divisors(n: int) -> list[int]:
@@ -20,9 +20,11 @@ def divisors(n: int) -> list[int]:
 
 
 def _positive(**sizes: int | None) -> None:
+    p = Problems()
     for name, v in sizes.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ConfigError(f"parallel.{name}={v!r} must be an integer >= 1")
+            p.add(f"parallel.{name}={v!r} must be an integer >= 1")
+    p.raise_if_any()
 
 
 def validate_parallel_sizes(world_size: int, tp: int, pp: int, cp: int = 1) -> int:
@@ -59,6 +61,8 @@ def validate_parallel(
 ) -> None:
     """Raise :class:`ConfigError` naming the numbers when ``arch`` cannot be split TP×PP ways."""
     _positive(tp=tp, pp=pp)
+    # The TP split (heads/ffn) and the PP split (layers) are independent: report both.
+    p = Problems()
     heads, groups = arch.num_attention_heads, arch.num_query_groups
     if tp not in valid_tp(arch):
         if heads % tp:
@@ -73,9 +77,9 @@ def validate_parallel(
                 f"does not divide the fused QKV rows (num_attention_heads + 2 * query groups) "
                 f"* head_dim = {(heads + 2 * groups) * (getattr(arch, 'kv_channels', None) or 1)}"
             )
-        raise ConfigError(f"parallel.tp={tp} {why}; valid tp for this model: {valid_tp(arch)}")
-    if arch.ffn_hidden_size % tp:
-        raise ConfigError(
+        p.add(f"parallel.tp={tp} {why}; valid tp for this model: {valid_tp(arch)}")
+    elif arch.ffn_hidden_size % tp:  # one message per bad tp: the attention's comes first
+        p.add(
             f"parallel.tp={tp} does not divide intermediate_size (ffn)={arch.ffn_hidden_size}; "
             f"valid tp: {[d for d in divisors(arch.ffn_hidden_size) if d <= 64]}"
         )
@@ -83,26 +87,25 @@ def validate_parallel(
     if layers_per_stage is not None:
         layers_per_stage = list(layers_per_stage)
         if len(layers_per_stage) != pp or sum(layers_per_stage) != n_layers:
-            raise ConfigError(
+            p.add(
                 f"layers_per_stage={layers_per_stage} must have parallel.pp={pp} entries summing "
                 f"to num_layers={n_layers}"
             )
         if any(n < 1 for n in layers_per_stage):
-            raise ConfigError(f"layers_per_stage={layers_per_stage}: every stage needs >= 1 layer")
+            p.add(f"layers_per_stage={layers_per_stage}: every stage needs >= 1 layer")
         if len(set(layers_per_stage[1:-1])) > 1:
-            raise ConfigError(
+            p.add(
                 f"layers_per_stage={layers_per_stage}: megatron-core sets the first and last stage "
                 "freely, but the middle stages must hold equal numbers of layers"
             )
     elif pp > n_layers:
-        raise ConfigError(
-            f"parallel.pp={pp} exceeds num_layers={n_layers}; valid pp: {divisors(n_layers)}"
-        )
+        p.add(f"parallel.pp={pp} exceeds num_layers={n_layers}; valid pp: {divisors(n_layers)}")
     elif n_layers % pp:
-        raise ConfigError(
+        p.add(
             f"parallel.pp={pp} does not divide num_layers={n_layers}; valid pp: "
             f"{divisors(n_layers)} (or give an uneven layout with layers_per_stage)"
         )
+    p.raise_if_any()
 
 
 def validate_vpp(
@@ -121,19 +124,21 @@ def validate_vpp(
             f"parallel.vpp={vpp} needs pipeline parallelism; set parallel.pp > 1 or "
             "parallel.vpp=null"
         )
+    p = Problems()
     if num_layers % (pp * vpp):
         valid = [v for v in divisors(num_layers // pp) if num_layers % pp == 0] or None
-        raise ConfigError(
+        p.add(
             f"parallel.pp*vpp = {pp}*{vpp} does not divide num_layers={num_layers}; choose vpp "
             f"so that every virtual stage gets the same number of layers (valid vpp at "
             f"pp={pp}: {valid})"
         )
     if num_microbatches is not None and num_microbatches % pp:
-        raise ConfigError(
+        p.add(
             f"parallel.vpp={vpp}: the interleaved schedule needs the number of micro-batches "
             f"({num_microbatches} = global_batch_size / (micro_batch_size × dp)) to be a "
             f"multiple of parallel.pp={pp}; raise train.global_batch_size"
         )
+    p.raise_if_any()
     return vpp
 
 
@@ -147,16 +152,18 @@ def validate_sequence_split(
     """Check how the sequence is split: sequence parallelism over TP ranks, context parallelism
     (Transformer Engine only) over CP ranks in 2×cp load-balanced chunks."""
     _positive(tp=tp, cp=cp)
+    p = Problems()
     if sequence_parallel and tp > 1 and seq_length % tp:
-        raise ConfigError(
+        p.add(
             f"data.seq_length={seq_length} is not divisible by parallel.tp={tp} "
             "(sequence parallelism splits the sequence over TP ranks)"
         )
     if cp > 1:
         if impl != "transformer_engine":
-            raise ConfigError(
+            p.add(
                 f"parallel.cp={cp} needs Transformer Engine attention "
                 "(model.transformer_impl=transformer_engine); set parallel.cp=1"
             )
         if seq_length % (2 * cp):
-            raise ConfigError(f"data.seq_length={seq_length} must be divisible by 2 × parallel.cp")
+            p.add(f"data.seq_length={seq_length} must be divisible by 2 × parallel.cp")
+    p.raise_if_any()
