@@ -211,3 +211,52 @@ def test_only_the_legacy_common_deprecation_warning_is_dropped(caplog):
         logger.warning("load_common is deprecated and will be removed in a future release.")
         logger.warning("Common file x does not exist")
     assert [r.getMessage() for r in caplog.records] == ["Common file x does not exist"]
+
+
+_RANK_SCRIPT = """
+import os, sys, time
+from sfmed.core import mcore_compat
+from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+assert mcore_compat.write_results_queue_dies_with_rank()
+assert not mcore_compat.write_results_queue_dies_with_rank()  # once per process
+get = getattr(fa, "get_write_results_queue", None) or fa._get_write_results_queue
+q = get()
+assert q is fa._results_queue
+q.put("through the manager"); assert q.get(timeout=30) == "through the manager"
+print(mcore_compat._write_results_manager._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_write_results_manager_dies_with_its_rank():
+    """megatron's writer takes the queue made here, and the manager process serving it dies when
+    its rank is SIGKILLed (megatron's own manager would keep running, with its resource tracker)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    rank = subprocess.Popen(
+        [sys.executable, "-c", _RANK_SCRIPT], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        line = rank.stdout.readline()
+        assert line.strip().isdigit(), f"rank script failed (exit {rank.wait(timeout=60)})"
+        manager = psutil.Process(int(line))
+        helpers = [manager, *manager.children(recursive=True)]
+        helpers += [
+            p for p in psutil.Process(rank.pid).children() if "resource_tracker" in p.cmdline()[-1]
+        ]
+        assert manager.ppid() == rank.pid
+        rank.send_signal(signal.SIGKILL)
+        rank.wait(timeout=30)
+        gone, alive = psutil.wait_procs(helpers, timeout=20)
+        assert not alive, [" ".join(p.cmdline())[:100] for p in alive]
+    finally:
+        if rank.poll() is None:
+            rank.kill()

@@ -20,6 +20,9 @@ Release differences handled here:
   (:func:`add_legacy_common_state`, :func:`common_state_in_dcp`, :func:`checkpoint_marker`), so a
   checkpoint written under either release loads under both.
 
+On both releases the torch_dist writer's results queue lives in a spawned manager process that
+outlives a killed rank; :func:`write_results_queue_dies_with_rank` makes it die with the rank.
+
 Workarounds for megatron-core's pure-PyTorch optimizer path (no apex, no TE) follow.
 
 Without apex or Transformer Engine, ``get_megatron_optimizer`` falls back to
@@ -122,6 +125,53 @@ def dist_save_kwargs(async_save: bool, save_fn=None) -> dict:
             "; nvidia-resiliency-ext is installed but not used" if nvrx else "",
         )
     return {"async_strategy": "mcore"}
+
+
+_write_results_manager = None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Manager-process initializer: the kernel kills this process when its parent (the rank)
+    dies, however it dies (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the rank died before the line above took effect
+            os._exit(0)
+
+
+def write_results_queue_dies_with_rank() -> bool:
+    """Make megatron-core's torch_dist writer collect its write results through a queue whose
+    server process dies with the rank.
+
+    megatron-core (0.16 and 0.19, ``strategies/filesystem_async.py``) serves that queue from a
+    ``multiprocessing`` Manager process it spawns at the first save (a fresh interpreter that
+    re-imports the entry script: a few hundred MB). Only a finalizer at a normal exit stops it,
+    so a rank that is SIGKILLed, or that leaves with ``os._exit`` when its launcher died, leaves
+    the manager (and its resource tracker) running for good. Here the module's queue is created
+    first, from a manager started with :func:`_die_with_parent`. Call once per rank before the
+    first ``dist_checkpointing.save``; returns whether the queue was set here.
+    """
+    global _write_results_manager
+    import multiprocessing as mp
+    import os
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        return False  # already made, or a release without this module-level queue
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    _write_results_manager = manager  # keeps the manager (and its finalizer) alive
+    filesystem_async._results_queue = manager.Queue()
+    return True
 
 
 def add_legacy_common_state(ckpt_dir: str | Path) -> bool:

@@ -203,7 +203,7 @@ def test_sigkill_after_step_10_then_resume_is_bitwise_equal(reference, fixtures)
     )  # fmt: skip
     tracker = run / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 600
-    workers = []
+    workers, kids = [], []
     try:
         while not (tracker.is_file() and tracker.read_text().strip() == "10"):
             assert proc.poll() is None, proc.stdout.read()[-4000:]
@@ -224,12 +224,18 @@ def test_sigkill_after_step_10_then_resume_is_bitwise_equal(reference, fixtures)
         assert second.returncode != 0
         assert f"is in use by another run: pid {holder['pid']} on host" in second.stderr
         assert holder["pid"] in [w.pid for w in workers]
+        # What the ranks started (data-loader workers, megatron's checkpoint-writer manager)
+        kids = [k for w in workers for k in w.children(recursive=True)]
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher's group: torchrun only
         proc.wait(timeout=60)
         gone, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive, f"ranks still running after their launcher died: {alive}"
+        gone, alive = psutil.wait_procs(kids, timeout=30)
+        assert not alive, "left running after their rank died: " + "; ".join(
+            f"{k.pid} {' '.join(k.cmdline())[:120]}" for k in alive
+        )
     finally:
-        for p in [*workers, psutil.Process(proc.pid) if proc.poll() is None else None]:
+        for p in [*workers, *kids, psutil.Process(proc.pid) if proc.poll() is None else None]:
             with contextlib.suppress(psutil.NoSuchProcess, AttributeError):
                 p.send_signal(signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
