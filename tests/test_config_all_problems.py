@@ -275,6 +275,18 @@ CASES = {
             "mcq.shots=2 needs mcq.dev_data=<dev split file or folder>",
         ],
     ),
+    "mcq_prompt": (
+        lambda: eval_cfg.MCQPromptConfig(
+            preset="helm", continuation="word", scoring="ppl", option_format="{letter}"
+        ),
+        [
+            "mcq.prompt.preset='helm' is not one of ['sfmed', 'lm_eval', 'opencompass', "
+            "'opencompass_gen']",
+            "mcq.prompt.continuation='word' is not one of ['letter', 'option_text']",
+            "mcq.prompt.scoring='ppl' is not one of ['continuation', 'sequence']",
+            "mcq.prompt.option_format='{letter}' must contain {letter} and {text}",
+        ],
+    ),
     "metric": (
         lambda: eval_cfg.TextMetricConfig(tokenizer="word", epsilon=-0.1),
         [

@@ -33,11 +33,6 @@ class EvalConfigErrors(ConfigErrors, EvalConfigError):
     """Several evaluation settings that cannot work, reported together."""
 
 
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise EvalConfigError(f"{name}={value!r} is not one of {list(allowed)}")
-
-
 @dataclass
 class DecodingConfig:
     """Generation parameters; recorded verbatim in every result JSON."""
@@ -156,18 +151,19 @@ class MCQPromptConfig:
     scoring: str | None = None
 
     def __post_init__(self):
-        _choice("mcq.prompt.preset", self.preset, PROMPT_PRESETS)
+        p = Problems(EvalConfigErrors)
+        p.choice("mcq.prompt.preset", self.preset, PROMPT_PRESETS)
         if self.continuation is not None:
-            _choice("mcq.prompt.continuation", self.continuation, CONTINUATIONS)
+            p.choice("mcq.prompt.continuation", self.continuation, CONTINUATIONS)
         if self.scoring is not None:
-            _choice("mcq.prompt.scoring", self.scoring, SCORINGS)
-        if self.option_format is not None and not (
-            "{letter}" in self.option_format and "{text}" in self.option_format
-        ):
-            raise EvalConfigError(
+            p.choice("mcq.prompt.scoring", self.scoring, SCORINGS)
+        if self.option_format is not None:
+            p.check(
+                "{letter}" in self.option_format and "{text}" in self.option_format,
                 f"mcq.prompt.option_format={self.option_format!r} must contain {{letter}} and "
-                "{text}"
+                "{text}",
             )
+        p.raise_if_any()
 
 
 @dataclass
