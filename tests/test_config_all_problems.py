@@ -439,6 +439,26 @@ def test_validate_run_config_lists_each_problem_of_a_group(tmp_path):
     ]
 
 
+def test_a_bad_nested_config_does_not_hide_its_groups_own_problems(tmp_path):
+    """OmegaConf builds ``logging.wandb`` before ``logging``: both levels are still reported."""
+    from hydra import compose, initialize_config_dir
+
+    from sfmed.config.pretrain import PretrainConfig, register
+    from sfmed.config.validate import validate_run_config
+
+    register()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=[
+            "model=tiny", "logging.wandb.mode=bad", "logging.interval=0",
+            f"ckpt_dir={tmp_path}/r"])  # fmt: skip
+    with pytest.raises(ConfigErrors) as e:
+        validate_run_config(cfg, PretrainConfig, world_size=1)
+    assert e.value.problems == [
+        "logging.wandb.mode='bad' is not one of ['online', 'offline', 'disabled']",
+        "logging.interval=0 must be >= 1",
+    ]
+
+
 @pytest.mark.dist
 def test_torchrun_prints_each_problem_of_two_groups_once_and_every_rank_exits_2(torchrun, tmp_path):
     problems = [

@@ -18,6 +18,51 @@ from sfmed.core.errors import ConfigError, ConfigErrors, config_problems
 from sfmed.core.parallel import validate_parallel, validate_parallel_sizes
 
 
+def _subgroups(node: Any) -> dict[str, Any]:
+    """The fields of ``node`` that are themselves structured configs (dataclass nodes)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(node, DictConfig) or not dataclasses.is_dataclass(OmegaConf.get_type(node)):
+        return {}
+    out = {}
+    for f in dataclasses.fields(OmegaConf.get_type(node)):
+        sub = node.get(f.name)
+        if isinstance(sub, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(sub)):
+            out[f.name] = sub
+    return out
+
+
+def _build(node: Any) -> tuple[Any, list[str]]:
+    """``node`` as its dataclass (None when invalid) and all of its problems.
+
+    OmegaConf builds the nested configs first, so a bad nested value (``logging.wandb.mode``)
+    would hide the group's own problems (``logging.interval``): on failure each nested config is
+    built on its own, and the group once more with the bad ones at their defaults."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_object(node), []
+    except ConfigError as e:
+        first = config_problems(e)
+    problems: list[str] = []
+    bad = []
+    for name, sub in _subgroups(node).items():
+        _, sub_problems = _build(sub)
+        if sub_problems:
+            bad.append(name)
+            problems += sub_problems
+    if not bad:
+        return None, first
+    rest = node.copy()
+    for name in bad:
+        rest[name] = OmegaConf.structured(OmegaConf.get_type(node[name]))
+    try:
+        OmegaConf.to_object(rest)
+    except ConfigError as e:
+        problems += config_problems(e)
+    return None, list(dict.fromkeys(problems))
+
+
 def _groups(cfg: Any, schema: type) -> tuple[dict[str, Any], list[str]]:
     """Each group of ``cfg`` as its dataclass (None where invalid), and every group's problems."""
     from omegaconf import DictConfig, OmegaConf
@@ -27,11 +72,8 @@ def _groups(cfg: Any, schema: type) -> tuple[dict[str, Any], list[str]]:
     for f in dataclasses.fields(schema):
         node = cfg.get(f.name) if isinstance(cfg, DictConfig) else None
         if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
-            try:
-                groups[f.name] = OmegaConf.to_object(node)
-            except ConfigError as e:
-                groups[f.name] = None
-                problems += config_problems(e)
+            groups[f.name], group_problems = _build(node)
+            problems += group_problems
     return groups, problems
 
 
