@@ -8,9 +8,10 @@ Examples::
 """
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sfmed.config.convert import register
+from sfmed.config.validate import build_config
 
 register()
 
@@ -25,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     def convert():
         from sfmed.convert.app import run_convert
 
-        return run_convert(OmegaConf.to_object(cfg))  # typed ConvertConfig, validated
+        return run_convert(build_config(cfg))  # typed ConvertConfig, validated
 
     print(run_cli("convert", convert).line())
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sfmed.config.eval import EvalConfig, register
+from sfmed.config.validate import build_config
 from sfmed.core.cli import run_cli
 
 register()
@@ -23,7 +24,7 @@ register()
 
 def evaluate(dcfg: DictConfig) -> None:
     """Validate the composed config, run the task or the suite, print where results went."""
-    cfg: EvalConfig = OmegaConf.to_object(dcfg)  # validates (EvalConfig.__post_init__)
+    cfg: EvalConfig = build_config(dcfg)  # validates: every problem at once
     if cfg.suite is not None:
         from sfmed.eval.suite import run_suite
 

@@ -14,9 +14,10 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sfmed.config.pipeline import register
+from sfmed.config.validate import build_config
 
 register()
 
@@ -36,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     def pipeline() -> int:
         from sfmed.pipeline.app import run_pipeline
 
-        return run_pipeline(OmegaConf.to_object(cfg), argv, _compose)
+        return run_pipeline(build_config(cfg), argv, _compose)
 
     sys.exit(run_cli("pipeline", pipeline))
 

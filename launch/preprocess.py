@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sfmed.config.data import check_source_overrides, register
+from sfmed.config.validate import build_config
 from sfmed.core.cli import run_cli
 from sfmed.core.logging import setup_logging
 
@@ -31,7 +32,7 @@ def _preprocess(cfg: DictConfig) -> None:
     from sfmed.data.report import render_markdown
 
     setup_logging(logging.INFO)
-    conf = OmegaConf.to_object(cfg)  # the typed PreprocessConfig; __post_init__ validates
+    conf = build_config(cfg)  # the typed PreprocessConfig; every problem at once
     try:
         report = preprocess(conf)
     except KeyboardInterrupt:

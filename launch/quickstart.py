@@ -9,9 +9,10 @@ summary; exit code 0 when every check passes, 1 otherwise, 2 on a configuration 
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sfmed.config.convert import register
+from sfmed.config.validate import build_config
 
 register()
 
@@ -26,7 +27,7 @@ def main(cfg: DictConfig) -> None:
     def quickstart():
         from sfmed.convert.quickstart import run_quickstart
 
-        return run_quickstart(OmegaConf.to_object(cfg))  # typed QuickstartConfig, validated
+        return run_quickstart(build_config(cfg))  # typed QuickstartConfig, validated
 
     report = run_cli("quickstart", quickstart)
     print("\n".join(["sfmed quickstart:", *report.lines, "PASSED" if report.passed else "FAILED"]))

@@ -14,9 +14,10 @@ Examples::
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sfmed.config.convert import register
+from sfmed.config.validate import build_config
 
 register()
 
@@ -31,7 +32,7 @@ def main(cfg: DictConfig) -> None:
     def verify():
         from sfmed.convert.app import run_verify
 
-        return run_verify(OmegaConf.to_object(cfg))  # typed VerifyConfig, validated
+        return run_verify(build_config(cfg))  # typed VerifyConfig, validated
 
     result = run_cli("verify", verify)
     print(result.line())

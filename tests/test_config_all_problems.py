@@ -488,3 +488,26 @@ def test_torchrun_prints_each_problem_of_two_groups_once_and_every_rank_exits_2(
     assert not (tmp_path / "r").exists()
     # Validated before megatron-core is imported: seconds on a loaded 2-core machine.
     assert wall < 20, wall
+
+
+def test_single_process_entries_report_every_nested_groups_problems():
+    """``build_config`` (evaluate, convert, preprocess, verify, quickstart, pipeline): each nested
+    group's problems and the top level's own, with the schema's own error type."""
+    from omegaconf import OmegaConf
+
+    from sfmed.config.validate import build_config
+
+    cfg = OmegaConf.structured(eval_cfg.EvalConfig)
+    cfg.task, cfg.data, cfg.generations = "mcq", "d.jsonl", "g.jsonl"
+    cfg.decoding.top_p, cfg.hf.batch_size, cfg.mcq.prompt.scoring, cfg.limit = 0.0, 0, "ppl", 0
+    with pytest.raises(eval_cfg.EvalConfigError) as e:
+        build_config(cfg)
+    assert isinstance(e.value, ConfigErrors)
+    assert e.value.problems == [
+        "decoding.top_p=0.0 must be in (0, 1]",
+        "hf.batch_size=0 must be >= 1",
+        "mcq.prompt.scoring='ppl' is not one of ['continuation', 'sequence']",
+        "limit=0 must be >= 1 (or null for all)",
+    ]
+    cfg.decoding.top_p, cfg.hf.batch_size, cfg.mcq.prompt.scoring, cfg.limit = 1.0, 1, None, 1
+    assert build_config(cfg).limit == 1

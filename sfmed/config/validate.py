@@ -38,12 +38,19 @@ def _build(node: Any) -> tuple[Any, list[str]]:
     OmegaConf builds the nested configs first, so a bad nested value (``logging.wandb.mode``)
     would hide the group's own problems (``logging.interval``): on failure each nested config is
     built on its own, and the group once more with the bad ones at their defaults."""
+    obj, problems, _ = _build_typed(node)
+    return obj, problems
+
+
+def _build_typed(node: Any) -> tuple[Any, list[str], type[ConfigErrors]]:
+    """:func:`_build`, plus the error type the schema raises (``ConfigErrors`` or a subclass)."""
     from omegaconf import OmegaConf
 
     try:
-        return OmegaConf.to_object(node), []
+        return OmegaConf.to_object(node), [], ConfigErrors
     except ConfigError as e:
         first = config_problems(e)
+        kind = type(e) if isinstance(e, ConfigErrors) else ConfigErrors
     problems: list[str] = []
     bad = []
     for name, sub in _subgroups(node).items():
@@ -52,7 +59,7 @@ def _build(node: Any) -> tuple[Any, list[str]]:
             bad.append(name)
             problems += sub_problems
     if not bad:
-        return None, first
+        return None, first, kind
     rest = node.copy()
     for name in bad:
         rest[name] = OmegaConf.structured(OmegaConf.get_type(node[name]))
@@ -60,7 +67,17 @@ def _build(node: Any) -> tuple[Any, list[str]]:
         OmegaConf.to_object(rest)
     except ConfigError as e:
         problems += config_problems(e)
-    return None, list(dict.fromkeys(problems))
+    return None, list(dict.fromkeys(problems)), kind
+
+
+def build_config(cfg: Any) -> Any:
+    """A composed config as its typed schema (``OmegaConf.to_object``), or the schema's
+    :class:`ConfigErrors` with the problems of every nested config and of the config itself --
+    not only the first one OmegaConf meets. For the entries whose checks need no world size."""
+    obj, problems, kind = _build_typed(cfg)
+    if problems:
+        raise kind(problems)
+    return obj
 
 
 def _groups(cfg: Any, schema: type) -> tuple[dict[str, Any], list[str]]:

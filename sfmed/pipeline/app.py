@@ -29,9 +29,7 @@ def _schema(ps: PlannedStage) -> type:
 def check_stage_configs(plan: Plan, compose: Compose) -> dict[str, Any]:
     """Compose and validate the config of every stage that runs, as its entry point will;
     every problem at once, before any stage starts. Returns the typed configs by stage."""
-    from omegaconf import OmegaConf
-
-    from sfmed.config.validate import validate_run_config
+    from sfmed.config.validate import build_config, validate_run_config
 
     problems, typed = [], {}
     for ps in plan.stages:
@@ -44,7 +42,7 @@ def check_stage_configs(plan: Plan, compose: Compose) -> dict[str, Any]:
                 world = ps.cfg.nproc_per_node * ps.cfg.nodes
                 typed[ps.name] = validate_run_config(dcfg, schema, world_size=world)
             else:
-                typed[ps.name] = OmegaConf.to_object(dcfg)
+                typed[ps.name] = build_config(dcfg)
         except ConfigErrors as e:
             if ps.runs:
                 problems += [f"stage {ps.name}: {p}" for p in e.problems]
