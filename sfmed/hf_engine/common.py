@@ -42,11 +42,12 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
 
 
-def check_engine(cfg) -> dict:
+def check_engine(cfg, validation: bool = False) -> dict:
     """The checks every HF-engine run makes before a model or dataset is loaded (``cfg`` is a
     stage config with ``hf``, ``parallel``, ``train``, ``optim``, ``resume``); returns the
     shared part of the plan: ``run_dir``, ``resume_from``, ``world``, ``grad_accum``,
-    ``vocab_size`` (of ``hf.model``'s config)."""
+    ``vocab_size`` (of ``hf.model``'s config). ``validation``: whether the stage runs
+    ``train.eval_interval`` validation passes on this engine."""
     h = cfg.hf
     missing = [
         m for m in ("trl", "peft", "accelerate", "datasets") if not importlib.util.find_spec(m)
@@ -92,10 +93,16 @@ def check_engine(cfg) -> dict:
             f"optim.warmup_steps={warmup} must be smaller than the decay horizon "
             f"optim.decay_steps={decay_steps} (default: train.steps)"
         )
-    if t.eval_interval:
+    if t.eval_interval and not validation:
         raise ConfigError(
-            f"train.eval_interval={t.eval_interval}: engine=hf does not run validation; use "
-            "train.eval_interval=0 (or engine=mcore)"
+            f"train.eval_interval={t.eval_interval}: this stage's engine=hf does not run "
+            "validation; use train.eval_interval=0 (or engine=mcore)"
+        )
+    if t.eval_interval and validation and cfg.data.split_weights[1] == 0:
+        # 98/2/0, not 98,2,0: Hydra's command line reads the commas as a list
+        raise ConfigError(
+            f"train.eval_interval={t.eval_interval} but data.split={cfg.data.split!r} has no "
+            "validation part; use e.g. data.split=98/2/0 or train.eval_interval=0"
         )
     if t.precision == "fp8":
         raise ConfigError("train.precision=fp8 needs engine=mcore (Transformer Engine)")
@@ -170,6 +177,12 @@ def training_args(cfg, plan: dict, cuda: bool, precision: str) -> dict:
         "report_to": [],
         "disable_tqdm": True,
         "remove_unused_columns": False,
+        # Validation (stages that run it): every train.eval_interval steps, train.eval_iters
+        # global batches, micro-batches of the training size.
+        "eval_strategy": "steps" if t.eval_interval else "no",
+        "eval_steps": t.eval_interval or None,
+        "per_device_eval_batch_size": t.micro_batch_size,
+        "prediction_loss_only": True,
         "dataloader_drop_last": True,
         "dataloader_num_workers": cfg.data.num_workers,
         "gradient_checkpointing": cfg.hf.gradient_checkpointing,

@@ -25,6 +25,7 @@ or ``<run>/merged`` (adapters folded into the base weights) and/or ``<run>/adapt
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,10 +46,12 @@ from sfmed.hf_engine.common import (
 if TYPE_CHECKING:
     from sfmed.config.sft import SFTConfig
 
+log = logging.getLogger(__name__)
+
 
 def _check(cfg: SFTConfig) -> dict:
     """Every check that can fail, before a model or dataset is loaded; returns the plan."""
-    plan = check_engine(cfg)
+    plan = check_engine(cfg, validation=True)
     # The sharded engine's data resolution: every dataset checked against its sidecar (kind,
     # sequence length, mask mode, packing, the tokenizer's vocabulary against the model's).
     from sfmed.recipes.sft import resolve_data
@@ -74,6 +77,7 @@ def _trainer_class():
             flops_per_token=None,
             peak=None,
             capacity=1,
+            eval_capacity=0,
             log_interval=1,
             **kw,
         ):
@@ -81,6 +85,7 @@ def _trainer_class():
             self._steps_total = steps_total
             super().__init__(*a, **kw)
             self._capacity = capacity  # samples x seq_length of a global batch
+            self._eval_capacity = eval_capacity  # samples x seq_length of a validation pass
             self._sink, self._log_interval = sink, log_interval
             self._fpt, self._peak = flops_per_token, peak
             self._acc = torch.zeros(3, dtype=torch.float64)  # loss, supervised, tokens
@@ -135,6 +140,48 @@ def _trainer_class():
                     self._sink.log(r, console=_console(r))
             return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *a, **kw)
 
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """A validation pass as the sharded engine's: the loss summed over every
+            supervised token of the validation samples on all ranks, divided by their number
+            (transformers' own loop averages per-batch means); logged as ``valid_loss``."""
+            model = self.model
+            was_training = model.training
+            model.eval()
+            acc = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+            with torch.no_grad():
+                for batch in self.get_eval_dataloader(eval_dataset):
+                    batch = self._prepare_inputs(batch)
+                    n = (batch["labels"][..., 1:] != -100).sum()
+                    with self.compute_loss_context_manager():
+                        loss = self.compute_loss(model, batch)  # mean over the batch's targets
+                    acc += torch.stack(
+                        [loss.detach().double() * n, n.double(), torch.tensor(
+                            float(batch["input_ids"].numel()), device=acc.device)]
+                    )  # fmt: skip
+            model.train(was_training)
+            if self.accelerator.num_processes > 1:
+                acc = self.accelerator.reduce(acc, reduction="sum")
+            acc = acc.cpu()
+            loss = float(acc[0] / acc[1].clamp(min=1))
+            capacity = self._eval_capacity or 1
+            metrics = {f"{metric_key_prefix}_loss": loss}
+            if self._sink is not None and self._sink.enabled:
+                step = self.state.global_step
+                self._sink.log(
+                    {
+                        "step": step,
+                        "valid_loss": loss,
+                        "valid_real_tokens": float(acc[2]),
+                        "valid_packing_efficiency": float(acc[2]) / capacity,
+                        "valid_supervised_fraction": float(acc[1]) / capacity,
+                    },
+                    f"step {step} | valid loss {loss:.4f}",
+                )
+            self.control = self.callback_handler.on_evaluate(
+                self.args, self.state, self.control, metrics
+            )
+            return metrics
+
     return SFMedSFTTrainer
 
 
@@ -171,9 +218,16 @@ def run(cfg: SFTConfig) -> str:
     from sfmed.recipes.sft import SFTSamples, split_parts
 
     data = plan["data"]
-    parts, _ = split_parts(data, cfg.data.split_weights, t.seed)
+    parts, valid_parts = split_parts(data, cfg.data.split_weights, t.seed)
     samples = SFTSamples(data, parts, t.steps * t.global_batch_size, t.seed)
     rows = ordered_rows(samples, run_dir / "data_cache")
+    # Validation: the sharded engine's samples (train.eval_iters global batches, seed + 1).
+    eval_rows, eval_size = None, t.eval_iters * t.global_batch_size
+    if t.eval_interval and all(len(p) for p in valid_parts):
+        valid = SFTSamples(data, valid_parts, eval_size, t.seed + 1)
+        eval_rows = ordered_rows(valid, run_dir / "data_cache")
+    elif t.eval_interval:
+        log.warning("a dataset has no validation samples at data.split=%s", cfg.data.split)
 
     tokenizer = AutoTokenizer.from_pretrained(h.model)
     if tokenizer.pad_token is None:
@@ -185,8 +239,11 @@ def run(cfg: SFTConfig) -> str:
 
         model = get_peft_model(model, lora_config(h.lora))
 
+    targs = training_args(cfg, plan, cuda, precision)
+    if eval_rows is None:
+        targs.update(eval_strategy="no", eval_steps=None)
     args = TRLConfig(
-        **training_args(cfg, plan, cuda, precision),
+        **targs,
         padding_free=True,
         max_length=None,
         shuffle_dataset=False,
@@ -196,6 +253,7 @@ def run(cfg: SFTConfig) -> str:
     return train_rows(
         cfg, plan, _trainer_class(), precision, model=model, args=args, train_dataset=rows,
         processing_class=tokenizer, capacity=t.global_batch_size * data.seq_length,
+        eval_dataset=eval_rows, eval_capacity=eval_size * data.seq_length,
     )  # fmt: skip
 
 

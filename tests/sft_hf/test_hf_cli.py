@@ -75,12 +75,22 @@ def test_cli_interrupt_resume_and_errors(hf_model, packed_prefix, tmp_path):
 @pytest.mark.dist
 def test_data_parallel_matches_one_process(hf_model, packed_prefix, tmp_path):
     """Two processes (gloo DDP through accelerate, as ``accelerate launch`` starts them) x mbs=1
-    x 2 micro-batches give the one-process losses and grad norms: the token count is global."""
-    args = ["train.steps=3", "train.micro_batch_size=1", "train.save_final=false"]
+    x 2 micro-batches give the one-process losses and grad norms: the token count is global;
+    so is the validation loss (each process scores its share of the validation samples)."""
+    args = [
+        "train.steps=3", "train.micro_batch_size=1", "train.save_final=false",
+        "data.split=80/20/0", "train.eval_interval=3", "train.eval_iters=1",
+    ]  # fmt: skip
     p = sft_hf(hf_model, packed_prefix, tmp_path / "dp2", *args, nproc=2)
     assert p.returncode == 0, p.stderr[-6000:]
     assert run(engine_cfg(hf_model, packed_prefix, tmp_path / "one", *args)) == "complete"
-    for a, b in zip(metrics(tmp_path / "dp2"), metrics(tmp_path / "one"), strict=True):
+    dp2, one = metrics(tmp_path / "dp2"), metrics(tmp_path / "one")
+    assert [r["step"] for r in dp2 if "valid_loss" in r] == [3]
+    for a, b in zip(dp2, one, strict=True):
+        if "valid_loss" in b:
+            assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-6)
+            assert a["valid_real_tokens"] == b["valid_real_tokens"]
+            continue
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), a["step"]
         assert a["tokens"] == b["tokens"]

@@ -132,6 +132,42 @@ def test_per_microbatch_normalisation_is_caught(hf_model, unpacked_prefix, tmp_p
     assert abs(got - loss) > 3e-4 * loss
 
 
+@pytest.mark.slow  # two engine runs
+def test_validation_is_the_token_mean_over_the_validation_samples(
+    hf_model, unpacked_prefix, tmp_path
+):
+    """``train.eval_interval`` on the HF engine: the sharded engine's validation samples
+    (``train.eval_iters`` global batches of the validation part, seed + 1), their loss the
+    mean over every supervised token -- recomputed here one conversation at a time with plain
+    transformers on the exported weights -- logged as ``valid_loss``; training is unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    args = ["train.steps=2", "data.split=50/50/0", "optim.warmup_steps=0"]
+    cfg = engine_cfg(
+        hf_model, unpacked_prefix, tmp_path / "v", *args, "train.eval_interval=2",
+        "train.eval_iters=1",
+    )  # fmt: skip
+    assert run(cfg) == "complete"
+    records = metrics(tmp_path / "v")
+    valid = [r for r in records if "valid_loss" in r]
+    assert [r["step"] for r in valid] == [2]
+    # the documented order: the validation part is the second half of the seeded permutation
+    # of the 48 samples, drawn in a permutation seeded by (seed + 1, dataset 0, epoch 0)
+    seed = cfg.train.seed
+    part = np.random.default_rng([seed, 0, 2**31 - 1]).permutation(48)[24:]
+    samples = part[np.random.default_rng([seed + 1, 0, 0]).permutation(24)][:4].tolist()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "v" / "hf")  # weights after step 2
+    loss, _, count = reference_loss_and_grad(model, unpacked_prefix, samples)
+    assert valid[0]["valid_loss"] == pytest.approx(loss, rel=1e-5)
+    ds = SFTDataset(unpacked_prefix)
+    assert valid[0]["valid_supervised_fraction"] == pytest.approx(count / (4 * ds.seq_length))
+    # the same run without validation trains the same steps
+    assert run(engine_cfg(hf_model, unpacked_prefix, tmp_path / "n", *args)) == "complete"
+    train = [r for r in records if "loss" in r]
+    for a, b in zip(train, metrics(tmp_path / "n"), strict=True):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], a["step"]
+
+
 def test_config_errors_before_work(hf_model, packed_prefix, tmp_path, monkeypatch):
     def cfg(*o, model=hf_model, prefix=packed_prefix):
         return engine_cfg(model, prefix, tmp_path / "r", *o)
@@ -144,7 +180,7 @@ def test_config_errors_before_work(hf_model, packed_prefix, tmp_path, monkeypatc
         (cfg("data.prefix=null"), r"no SFT data"),
         (cfg(prefix=str(tmp_path / "nodata")), r"data.prefix=.*not a complete SFT dataset"),
         (cfg("optim.warmup_steps=3"), r"optim.warmup_steps=3 must be smaller"),
-        (cfg("train.eval_interval=5"), r"does not run validation"),
+        (cfg("train.eval_interval=5"), r"train.eval_interval=5 but data.split=.*no validation"),
         (cfg("hf.export=all"), r"hf.export='all'"),
         (cfg("data.seq_length=64"), r"chat.seq_length=256 > data.seq_length=64"),
         (cfg("data.packed=false"), r"chat.pack=true, not data.packed=false"),
