@@ -211,3 +211,34 @@ def test_only_the_legacy_common_deprecation_warning_is_dropped(caplog):
         logger.warning("load_common is deprecated and will be removed in a future release.")
         logger.warning("Common file x does not exist")
     assert [r.getMessage() for r in caplog.records] == ["Common file x does not exist"]
+
+
+# -- fork_write_results_queue -----------------------------------------------------------------
+
+
+def test_cpu_write_results_queue_is_served_by_a_forked_process(monkeypatch):
+    """On CPU the torch_dist writer's results queue is served by a fork of this process (torch
+    already loaded), not a spawned interpreter that re-imports torch; it carries megatron's write
+    results; with CUDA megatron-core's own (spawned) queue is left to it."""
+    import os
+
+    import psutil
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    monkeypatch.setattr(fsa, "_results_queue", None)
+    mcore_compat.fork_write_results_queue(cuda=True)
+    assert fsa._results_queue is None
+
+    before = {p.pid for p in psutil.Process().children()}
+    mcore_compat.fork_write_results_queue(cuda=False)
+    queue = fsa._results_queue
+    assert queue is not None and fsa._get_write_results_queue() is queue
+    (server,) = [p for p in psutil.Process().children() if p.pid not in before]
+    assert server.cmdline() == psutil.Process(os.getpid()).cmdline()  # a fork, not spawn_main
+    result = WriteResult(MetadataIndex("w", (0,)), 12, None)
+    queue.put({0: [result]})
+    assert queue.get(timeout=30) == {0: [result]}
+    mcore_compat.fork_write_results_queue(cuda=False)  # already there: kept
+    assert fsa._results_queue is queue

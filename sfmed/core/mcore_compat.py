@@ -124,6 +124,29 @@ def dist_save_kwargs(async_save: bool, save_fn=None) -> dict:
     return {"async_strategy": "mcore"}
 
 
+def fork_write_results_queue(cuda: bool) -> None:
+    """On CPU, start the queue megatron-core's torch_dist writer collects write results through
+    in a *forked* manager process instead of a spawned one.
+
+    ``FileSystemWriterAsync`` creates it on a process's first save with
+    ``mp.get_context("spawn").Manager()`` (fork is unsafe once CUDA is initialised). The spawned
+    server re-imports torch to unpickle the first results (about 3 s of CPU per rank on every
+    run that saves); a forked one already has it. Without CUDA fork is safe — megatron-core
+    forks its write workers from the same process anyway. With CUDA, or on a release without
+    this module-level queue, nothing changes.
+    """
+    if cuda:
+        return
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    except ImportError:
+        return
+    if getattr(fsa, "_results_queue", False) is None and hasattr(fsa, "_get_write_results_queue"):
+        import multiprocessing as mp
+
+        fsa._results_queue = mp.get_context("fork").Manager().Queue()
+
+
 def add_legacy_common_state(ckpt_dir: str | Path) -> bool:
     """Write ``common.pt`` into a checkpoint megatron-core (>= 0.19) saved without it, so that
     megatron-core 0.16 can load it too. Call on one rank once the save is complete; returns

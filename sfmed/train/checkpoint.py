@@ -189,6 +189,7 @@ class Checkpointer:
         state["checkpoint_version"] = CHECKPOINT_VERSION
         state["iteration"] = iteration
         state["train_state"] = dict(train_state)
+        mcore_compat.fork_write_results_queue(self.cuda)
         request = dist_checkpointing.save(
             state,
             str(tmp),
