@@ -213,24 +213,58 @@ def test_only_the_legacy_common_deprecation_warning_is_dropped(caplog):
     assert [r.getMessage() for r in caplog.records] == ["Common file x does not exist"]
 
 
+# -- write_results_queue -----------------------------------------------------------------------
+
+
+def _results_queue_getter(fsa):
+    return getattr(fsa, "get_write_results_queue", None) or fsa._get_write_results_queue
+
+
+def test_cpu_write_results_queue_is_served_by_a_forked_process(monkeypatch):
+    """On CPU the torch_dist writer's results queue is served by a fork of this process (torch
+    already loaded), not a spawned interpreter that re-imports torch; megatron's own getter
+    returns it and it carries megatron's write results; a second call keeps it."""
+    import os
+
+    import psutil
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    monkeypatch.setattr(fsa, "_results_queue", None)
+    monkeypatch.setattr(mcore_compat, "_write_results_manager", None)
+    before = {p.pid for p in psutil.Process().children()}
+    assert mcore_compat.write_results_queue(cuda=False)
+    queue = fsa._results_queue
+    assert queue is not None and _results_queue_getter(fsa)() is queue
+    (server,) = [p for p in psutil.Process().children() if p.pid not in before]
+    assert server.cmdline() == psutil.Process(os.getpid()).cmdline()  # a fork, not spawn_main
+    result = WriteResult(MetadataIndex("w", (0,)), 12, None)
+    queue.put({0: [result]})
+    assert queue.get(timeout=30) == {0: [result]}
+    assert not mcore_compat.write_results_queue(cuda=False)  # already there: kept
+    assert fsa._results_queue is queue
+    mcore_compat._write_results_manager.shutdown()
+
+
 _RANK_SCRIPT = """
-import os, sys, time
+import sys, time
 from sfmed.core import mcore_compat
 from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-assert mcore_compat.write_results_queue_dies_with_rank()
-assert not mcore_compat.write_results_queue_dies_with_rank()  # once per process
+assert mcore_compat.write_results_queue(cuda=sys.argv[1] == "cuda")
 get = getattr(fa, "get_write_results_queue", None) or fa._get_write_results_queue
 q = get()
 assert q is fa._results_queue
-q.put("through the manager"); assert q.get(timeout=30) == "through the manager"
+q.put("through the manager"); assert q.get(timeout=60) == "through the manager"
 print(mcore_compat._write_results_manager._process.pid, flush=True)
 time.sleep(600)
 """
 
 
-def test_write_results_manager_dies_with_its_rank():
-    """megatron's writer takes the queue made here, and the manager process serving it dies when
-    its rank is SIGKILLed (megatron's own manager would keep running, with its resource tracker)."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # a forked / a spawned manager
+def test_write_results_manager_dies_with_its_rank(device):
+    """The manager process serving the queue dies when its rank is SIGKILLed (megatron's own
+    spawned manager kept running, with its resource tracker, after every killed run)."""
     import os
     import signal
     import subprocess
@@ -242,17 +276,19 @@ def test_write_results_manager_dies_with_its_rank():
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     rank = subprocess.Popen(
-        [sys.executable, "-c", _RANK_SCRIPT], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", _RANK_SCRIPT, device], stdout=subprocess.PIPE, text=True, env=env
     )
     try:
         line = rank.stdout.readline()
         assert line.strip().isdigit(), f"rank script failed (exit {rank.wait(timeout=60)})"
         manager = psutil.Process(int(line))
+        assert manager.ppid() == rank.pid
+        spawned = "spawn_main" in " ".join(manager.cmdline())
+        assert spawned == (device == "cuda")
         helpers = [manager, *manager.children(recursive=True)]
         helpers += [
             p for p in psutil.Process(rank.pid).children() if "resource_tracker" in p.cmdline()[-1]
         ]
-        assert manager.ppid() == rank.pid
         rank.send_signal(signal.SIGKILL)
         rank.wait(timeout=30)
         gone, alive = psutil.wait_procs(helpers, timeout=20)

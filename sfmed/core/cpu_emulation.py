@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import types
 import warnings
@@ -224,11 +225,35 @@ def _distinct(obj: Any) -> Any:
 
 def _prewarm_dynamo_rules() -> None:
     # Build (and cache) dynamo's torch-object rule map from the real torch.cuda functions, so
-    # later torch.compile decorators in megatron-core never see our replacements in it.
+    # later torch.compile calls never see our replacements in it.
     with contextlib.suppress(Exception):
         from torch._dynamo import trace_rules
 
         trace_rules.get_torch_obj_rule_map()
+
+
+def prepare_dynamo() -> None:
+    """Build TorchDynamo's rule map from the real ``torch.cuda`` functions before a
+    ``torch.compile`` call (a no-op once built). :func:`enable` does it only where Dynamo is
+    already imported (importing it costs seconds, and without CUDA nothing may ever compile,
+    see ``sfmed.core.deferred_imports``); this does it later, the stand-ins put aside meanwhile.
+    """
+    with _LOCK:
+        if not _STATE["enabled"]:
+            _prewarm_dynamo_rules()
+            return
+        patched = {key: getattr(key[0], key[1], None) for key in _STATE["saved"]}
+        for (owner, name), orig in _STATE["saved"].items():
+            if orig is None:
+                with contextlib.suppress(AttributeError):
+                    delattr(owner, name)
+            else:
+                setattr(owner, name, orig)
+        try:
+            _prewarm_dynamo_rules()
+        finally:
+            for (owner, name), repl in patched.items():
+                setattr(owner, name, repl)
 
 
 def is_enabled() -> bool:
@@ -250,7 +275,8 @@ def enable(force: bool = False) -> None:
                 "device=cpu asks for the CPU emulation of CUDA, but a CUDA device is visible; "
                 "use device=cuda on this machine (or hide the GPUs with CUDA_VISIBLE_DEVICES='')."
             )
-        _prewarm_dynamo_rules()
+        if "torch._dynamo" in sys.modules:
+            _prewarm_dynamo_rules()
         saved = {}
         for (owner, name), repl in _patches().items():
             repl = _distinct(repl)

@@ -21,7 +21,7 @@ Release differences handled here:
   checkpoint written under either release loads under both.
 
 On both releases the torch_dist writer's results queue lives in a spawned manager process that
-outlives a killed rank; :func:`write_results_queue_dies_with_rank` makes it die with the rank.
+outlives a killed rank; :func:`write_results_queue` makes it die with the rank.
 
 Workarounds for megatron-core's pure-PyTorch optimizer path (no apex, no TE) follow.
 
@@ -146,28 +146,36 @@ def _die_with_parent(parent_pid: int) -> None:
             os._exit(0)
 
 
-def write_results_queue_dies_with_rank() -> bool:
-    """Make megatron-core's torch_dist writer collect its write results through a queue whose
-    server process dies with the rank.
+def write_results_queue(cuda: bool) -> bool:
+    """Create the queue megatron-core's torch_dist writer collects its write results through,
+    served by a manager process that dies with the rank and, without CUDA, is forked.
 
-    megatron-core (0.16 and 0.19, ``strategies/filesystem_async.py``) serves that queue from a
-    ``multiprocessing`` Manager process it spawns at the first save (a fresh interpreter that
-    re-imports the entry script: a few hundred MB). Only a finalizer at a normal exit stops it,
-    so a rank that is SIGKILLed, or that leaves with ``os._exit`` when its launcher died, leaves
-    the manager (and its resource tracker) running for good. Here the module's queue is created
-    first, from a manager started with :func:`_die_with_parent`. Call once per rank before the
-    first ``dist_checkpointing.save``; returns whether the queue was set here.
+    megatron-core (0.16 and 0.19, ``strategies/filesystem_async.py``) creates that queue on a
+    process's first save with ``mp.get_context("spawn").Manager()``:
+
+    * only a finalizer at a normal exit stops that manager, so a rank that is SIGKILLed, or that
+      leaves with ``os._exit`` when its launcher died, left it (and its resource tracker)
+      running for good -- here the kernel kills it with its rank (:func:`_die_with_parent`);
+    * the spawned server is a fresh interpreter that re-imports the entry script and torch
+      (about 3 s of CPU per rank on every run that saves). Without CUDA fork is safe --
+      megatron-core forks its write workers from the same process anyway -- so the manager is
+      forked; with CUDA it is spawned, as megatron-core does.
+
+    Call once per rank before the first ``dist_checkpointing.save``; returns whether the queue
+    was set here (not when it exists already, or on a release without this module-level queue).
     """
     global _write_results_manager
     import multiprocessing as mp
     import os
     from multiprocessing.managers import SyncManager
 
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return False
     if getattr(filesystem_async, "_results_queue", "absent") is not None:
-        return False  # already made, or a release without this module-level queue
-    manager = SyncManager(ctx=mp.get_context("spawn"))
+        return False
+    manager = SyncManager(ctx=mp.get_context("spawn" if cuda else "fork"))
     manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
     _write_results_manager = manager  # keeps the manager (and its finalizer) alive
     filesystem_async._results_queue = manager.Queue()

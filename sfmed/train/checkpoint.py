@@ -143,9 +143,9 @@ class Checkpointer:
         self.cuda = cuda
         self.rank = dist.get_rank()
         self._queue = None
-        # megatron's writer serves its results queue from a spawned manager process: make it
-        # one that the kernel stops with this rank (a killed run leaves nothing running).
-        mcore_compat.write_results_queue_dies_with_rank()
+        # megatron's writer serves its results queue from a manager process: make it one that
+        # the kernel stops with this rank (a killed run leaves nothing running), forked on CPU.
+        mcore_compat.write_results_queue(cuda)
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
