@@ -232,6 +232,16 @@ def _prewarm_dynamo_rules() -> None:
         trace_rules.get_torch_obj_rule_map()
 
 
+def _restore_originals() -> None:
+    """Put back every attribute :func:`enable` replaced (call with ``_LOCK`` held)."""
+    for (owner, name), orig in _STATE["saved"].items():
+        if orig is None:
+            with contextlib.suppress(AttributeError):
+                delattr(owner, name)
+        else:
+            setattr(owner, name, orig)
+
+
 def prepare_dynamo() -> None:
     """Build TorchDynamo's rule map from the real ``torch.cuda`` functions before a
     ``torch.compile`` call (a no-op once built). :func:`enable` does it only where Dynamo is
@@ -243,12 +253,7 @@ def prepare_dynamo() -> None:
             _prewarm_dynamo_rules()
             return
         patched = {key: getattr(key[0], key[1], None) for key in _STATE["saved"]}
-        for (owner, name), orig in _STATE["saved"].items():
-            if orig is None:
-                with contextlib.suppress(AttributeError):
-                    delattr(owner, name)
-            else:
-                setattr(owner, name, orig)
+        _restore_originals()
         try:
             _prewarm_dynamo_rules()
         finally:
@@ -294,12 +299,7 @@ def disable() -> None:
         if not _STATE["enabled"]:
             return
         _STATE["mode"].__exit__(None, None, None)
-        for (owner, name), orig in _STATE["saved"].items():
-            if orig is None:
-                with contextlib.suppress(AttributeError):
-                    delattr(owner, name)
-            else:
-                setattr(owner, name, orig)
+        _restore_originals()
         _STATE.update(enabled=False, mode=None, saved={})
 
 
