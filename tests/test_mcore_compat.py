@@ -263,12 +263,14 @@ time.sleep(600)
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # a forked / a spawned manager
 def test_write_results_manager_dies_with_its_rank(device):
-    """The manager process serving the queue dies when its rank is SIGKILLed (megatron's own
-    spawned manager kept running, with its resource tracker, after every killed run)."""
+    """The manager process serving the queue outlives the exit signals its rank's group gets
+    (the rank saves through it) and dies when its rank is SIGKILLed (megatron's own spawned
+    manager kept running, with its resource tracker, after every killed run)."""
     import os
     import signal
     import subprocess
     import sys
+    import time
 
     import psutil
 
@@ -289,6 +291,11 @@ def test_write_results_manager_dies_with_its_rank(device):
         helpers += [
             p for p in psutil.Process(rank.pid).children() if "resource_tracker" in p.cmdline()[-1]
         ]
+        # torchrun and Slurm signal the rank's whole group; the rank saves through the manager
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            manager.send_signal(sig)
+        time.sleep(1.0)
+        assert manager.is_running() and manager.status() != psutil.STATUS_ZOMBIE
         rank.send_signal(signal.SIGKILL)
         rank.wait(timeout=30)
         gone, alive = psutil.wait_procs(helpers, timeout=20)

@@ -96,8 +96,14 @@ class ReaderOptions:
     turns: ChatOptions = field(default_factory=ChatOptions)
     """format=sft|preference: where the turns of a record are (see ``docs/sft.md``)."""
 
-    def _validate_reader(self, where: str, p: Problems) -> None:
-        """Record in ``p`` every problem of the reader/render options (keys prefixed ``where``)."""
+    def _validate_reader(self, where: str, p: Problems | None = None) -> None:
+        """Record in ``p`` every problem of the reader/render options (keys prefixed ``where``);
+        without ``p``, raise them (:class:`ConfigErrors`)."""
+        if p is None:
+            p = Problems()
+            self._validate_reader(where, p)
+            p.raise_if_any()
+            return
         if isinstance(self.turns, dict):
             self.turns = ChatOptions(**self.turns)
         reader_ok = p.choice(f"{where}reader", self.reader, READERS)

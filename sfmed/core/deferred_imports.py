@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
-import importlib.machinery
 import sys
 import threading
 import types
@@ -115,7 +114,16 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name != _JIT and name not in _LAZY:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        # The finders after this one decide whether and where the module is (another hook --
+        # an editable install, a test hiding a package -- included); this one only wraps.
+        spec = None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                break
         if spec is None or not hasattr(spec.loader, "exec_module"):
             return spec
         if name == _JIT:

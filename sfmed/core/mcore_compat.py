@@ -131,14 +131,21 @@ _write_results_manager = None
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Manager-process initializer: the kernel kills this process when its parent (the rank)
-    dies, however it dies (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere)."""
+    """Manager-process initializer: this process ends with its parent (the rank) and only then.
+
+    The exit signals are ignored: torchrun and Slurm signal a rank's whole process group, and
+    the rank answers SIGTERM/USR1 by saving a checkpoint -- through this process. The kernel
+    kills it when the rank dies, however the rank dies (Linux ``PR_SET_PDEATHSIG``); a rank
+    that exits normally shuts it down."""
     import ctypes
     import ctypes.util
     import os
     import signal
     import sys
 
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
