@@ -61,8 +61,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # sfmed itself (editable: it writes its metadata into this checkout, so not while another
 # install of this checkout may run -- .ci/run's main stage) and its other dependencies.
-# (by its metadata: `import sfmed` would succeed from this checkout's folder uninstalled)
-if ! "$venv/bin/python" -c "import importlib.metadata as m; m.version('sfmed')" 2>/dev/null; then
+# (isolated mode: from this checkout's folder, `import sfmed` and the main stage's
+# sfmed.egg-info would be found without any install in this venv)
+if ! "$venv/bin/python" -I -c "import importlib.metadata as m; m.version('sfmed')" 2>/dev/null; then
   t0=$SECONDS
   stage "sfmed and its dependencies"
   "$venv/bin/python" -m pip install -q -e ".[test]"
